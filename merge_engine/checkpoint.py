@@ -1,0 +1,244 @@
+"""Opening checkpoint files: headers eagerly, tensor bytes only when asked.
+
+`.safetensors` files are read with positioned reads straight into the caller's buffer, so no
+model is ever held in memory and nothing is memory-mapped (mapped pages would count towards
+the merge's RSS). Pickled `.ckpt`/`.pt` files go through torch's weights-only unpickler, which
+refuses anything but tensors and plain containers: a pickle that wants to run code is rejected,
+never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
+MAX_HEADER_BYTES = 100 << 20
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int = 0  # absolute byte offset in the file (safetensors only)
+    end: int = 0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+class Checkpoint:
+    """One open checkpoint file. `tensors` is known up front; bytes are read on demand."""
+
+    def __init__(self, path: Path, name: str, fmt: str, tensors: dict[str, TensorInfo],
+                 metadata: dict[str, str], header_size: int, loaded: dict[str, torch.Tensor] | None):
+        stat = path.stat()
+        self.path = path
+        self.name = name
+        self.format = fmt
+        self.size = stat.st_size
+        self.mtime_ns = stat.st_mtime_ns
+        self.tensors = tensors
+        self.metadata = metadata
+        self.header_size = header_size  # 8 + JSON length for safetensors, 0 for pickles
+        self._loaded = loaded
+        self._fd = os.open(path, os.O_RDONLY) if loaded is None else None
+
+    def read_into(self, key: str, start: int, stop: int, staging: torch.Tensor) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, as a typed view of `staging` (uint8)."""
+        info = self.tensors[key]
+        if self._loaded is not None:
+            return self._loaded[key].reshape(-1)[start:stop]
+        size = ITEMSIZE[info.dtype]
+        nbytes = (stop - start) * size
+        view = memoryview(staging.numpy())[:nbytes]
+        offset = info.start + start * size
+        done = 0
+        while done < nbytes:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError("file ended early (truncated or changed while reading)",
+                                      model=self.name, key=key)
+            done += got
+        return staging[:nbytes].view(DTYPES[info.dtype])
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        """A whole tensor, copied into memory (for small tensors and inspection)."""
+        info = self.tensors[key]
+        if self._loaded is not None:
+            return self._loaded[key].clone()
+        staging = torch.empty(max(info.nbytes, 1), dtype=torch.uint8)
+        return self.read_into(key, 0, info.numel, staging).clone().reshape(info.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, name: str | None = None) -> Checkpoint:
+    path = Path(path)
+    name = name or path.name
+    if not path.is_file():
+        raise CheckpointError("no such checkpoint file", model=name, details={"path": str(path)})
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return _open_safetensors(path, name)
+    if path.suffix.lower() in PICKLE_SUFFIXES or magic[:2] == b"PK" or magic[:1] == b"\x80":
+        return _open_pickle(path, name)
+    raise CheckpointError(
+        "not a checkpoint: expected .safetensors, .ckpt, .pt or .pth", model=name,
+    )
+
+
+def read_safetensors_header(path: Path, name: str) -> tuple[dict[str, Any], int]:
+    """The parsed JSON header and the offset where tensor data begins; checks only the framing."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError("file too short to be safetensors (truncated?)", model=name)
+        (length,) = struct.unpack("<Q", raw)
+        if length > size - 8:
+            raise CheckpointError(
+                f"header length {length} is larger than the file ({size} bytes): truncated or not safetensors",
+                model=name,
+            )
+        if length > MAX_HEADER_BYTES:
+            raise CheckpointError(f"header of {length} bytes is implausibly large", model=name)
+        text = f.read(length)
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"header is not valid JSON: {exc}", model=name) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("header is not a JSON object", model=name)
+    return header, 8 + length
+
+
+def _open_safetensors(path: Path, name: str) -> Checkpoint:
+    header, data_start = read_safetensors_header(path, name)
+    size = path.stat().st_size
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError("__metadata__ must map strings to strings", model=name)
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        tensors[key] = _tensor_entry(entry, key, name, data_start, size)
+    spans = sorted((t.start, t.end, k) for k, t in tensors.items() if t.end > t.start)
+    for (_, prev_end, prev_key), (start, _, key) in zip(spans, spans[1:], strict=False):
+        if start < prev_end:
+            raise CheckpointError(f"tensor data overlaps that of {prev_key!r}: the header lies",
+                                  model=name, key=key)
+    return Checkpoint(path, name, "safetensors", tensors, metadata, data_start, None)
+
+
+def _tensor_entry(entry: Any, key: str, name: str, data_start: int, size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise CheckpointError("header entry is not an object", model=name, key=key)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}", model=name, key=key)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CheckpointError(f"bad shape {shape!r}", model=name, key=key)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(f"bad data_offsets {offsets!r}", model=name, key=key)
+    info = TensorInfo(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    if info.end - info.start != info.nbytes:
+        raise CheckpointError(
+            f"data_offsets span {info.end - info.start} bytes but {dtype}{list(shape)} needs {info.nbytes}: the header lies",
+            model=name, key=key,
+        )
+    if info.end > size:
+        raise CheckpointError(
+            f"tensor data ends at byte {info.end} but the file has {size}: truncated",
+            model=name, key=key,
+        )
+    return info
+
+
+def _open_pickle(path: Path, name: str) -> Checkpoint:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # legacy (non-zip) pickles cannot be mapped
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every unpickling failure is the file's fault
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
+            hint = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+            raise CheckpointError(
+                "refused: this pickle wants to load or run code, not just tensors; it was not executed"
+                + (f" ({hint})" if hint else ""),
+                model=name,
+            ) from None
+        raise CheckpointError(f"cannot read pickle: {text.splitlines()[0] if text else type(exc).__name__}",
+                              model=name) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError("pickle holds no state dict", model=name)
+    loaded = {k: v.contiguous() for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not loaded:
+        raise CheckpointError("pickle holds no tensors", model=name)
+    tensors = {}
+    for key, tensor in loaded.items():
+        if tensor.dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"unsupported dtype {tensor.dtype}", model=name, key=key)
+        tensors[key] = TensorInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
+    return Checkpoint(path, name, "pickle", tensors, {}, 0, loaded)

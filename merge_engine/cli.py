@@ -1,0 +1,238 @@
+"""`sdmerge`: a short shell over parse, plan, execute and write.
+
+Bad input exits with status 2 and one line on stderr naming what is wrong and where; `--debug`
+shows the traceback instead. The service adds its own commands to this parser (app/cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import RecipeError, SdmergeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdmerge", description="Merge Stable Diffusion checkpoints.")
+    parser.add_argument("--version", action="version", version=f"sdmerge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    roots = argparse.ArgumentParser(add_help=False)
+    roots.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                       help="find models by file name under DIR (repeatable)")
+
+    p = sub.add_parser("merge", parents=[roots], help="run a recipe into a .safetensors file")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=0, help="worker threads (default: cores, max 4)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(handler=_merge)
+
+    p = sub.add_parser("plan", parents=[roots], help="dry run: resolve and check a recipe, read no weights")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_plan)
+
+    p = sub.add_parser("inspect", help="architecture, components, dtypes, metadata and hashes of a file")
+    p.add_argument("file", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-hash", action="store_true", help="skip hashing (fast)")
+    p.set_defaults(handler=_inspect)
+
+    p = sub.add_parser("hash", help="sha256, A1111 short and legacy hashes, AutoV3")
+    p.add_argument("files", type=Path, nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_hash)
+
+    recipe = sub.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", required=True)
+    p = recipe.add_parser("convert", parents=[roots], help="A1111 merge metadata -> native recipe")
+    p.add_argument("file", type=Path, help="a JSON dump of the metadata, or a .safetensors file")
+    p.add_argument("--resolve", action="append", default=[], metavar="NAME_OR_SHA=PATH")
+    p.add_argument("-o", "--output", type=Path, help="write the recipe here (default: stdout)")
+    p.set_defaults(handler=_convert)
+    p = recipe.add_parser("schema", help="the recipe's JSON Schema")
+    p.set_defaults(handler=_schema)
+
+    p = sub.add_parser("demo", help="write tiny SD2-shaped models and a recipe into DIR, then merge them")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except SdmergeError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"sdmerge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdmerge: interrupted", file=sys.stderr)
+        return 130
+
+
+def load_recipe(path: Path, model_roots: list[str]) -> tuple[Any, Any]:
+    """A native recipe or A1111 metadata (converted on the way in), and its resolver."""
+    from .a1111 import apply_resolution, convert_a1111, is_a1111_metadata
+    from .recipe import parse_recipe
+    from .resolve import FileResolver
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe file {path} is not valid JSON: {exc}") from None
+    resolver = FileResolver(path.parent, model_roots)
+    if isinstance(data, dict) and is_a1111_metadata(data):
+        recipe, unresolved = apply_resolution(convert_a1111(data), {}, lambda name: _try_find(resolver, name))
+        _fail_unresolved(unresolved)
+        return recipe, resolver
+    return parse_recipe(data), resolver
+
+
+def _try_find(resolver: Any, name: str) -> Path | None:
+    return resolver.find(name, required=False)
+
+
+def _fail_unresolved(unresolved: list[Any]) -> None:
+    if unresolved:
+        names = ", ".join(leaf.label() for leaf in unresolved)
+        raise RecipeError(f"{len(unresolved)} models not found: {names} (use --model-root or --resolve)",
+                          details={"unresolved": [leaf.label() for leaf in unresolved]})
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .execute import ExecOptions, merge
+    from .plan import plan
+    from .progress import ProgressBar
+
+    recipe, resolver = load_recipe(args.recipe, args.model_root)
+    merge_plan = plan(recipe, resolver)
+    try:
+        bar = None if args.quiet else ProgressBar(sys.stderr)
+        result = merge(merge_plan, args.output, options=ExecOptions(threads=args.threads, device=args.device),
+                       progress=bar, overwrite=args.overwrite)
+        if bar:
+            bar.close()
+    finally:
+        merge_plan.close()
+    if not args.quiet:
+        for warning in merge_plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"wrote {result.path} ({result.size / 1e9:.2f} GB, {len(merge_plan.keys)} tensors, "
+              f"{result.seconds:.1f} s)")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    recipe, resolver = load_recipe(args.recipe, args.model_root)
+    merge_plan = plan(recipe, resolver)
+    merge_plan.close()
+    summary = merge_plan.to_dict()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"recipe {summary['name'] or '(unnamed)'}  {summary['architecture']}  hash {summary['recipe_hash'][:12]}")
+    for component, info in summary["components"].items():
+        print(f"  {component}: {info['keys']} keys, {info['params']:,} params from")
+        for source in info["sources"]:
+            print(f"    {source['weight']:+.6f}  {source['model']}  ({source['exact_weight']})")
+    out = summary["output"]
+    print(f"  output: {out['keys']} tensors, {out['bytes']:,} bytes, {out['dtype']}; reads {summary['bytes_to_read']:,} bytes")
+    for warning in summary["warnings"]:
+        print(f"  warning: {warning}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(args.file, hashes=not args.no_hash)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['file']}: {info['architecture'] or 'unknown family'} ({info['variant'] or 'no unet'}), "
+          f"{info['format']}, {info['size']:,} bytes")
+    for component, c in info["components"].items():
+        dtypes = ", ".join(f"{k}x{v}" for k, v in c["dtypes"].items())
+        layout = "published layout" if c["reference_layout"] else "custom shapes"
+        print(f"  {component}: {c['keys']} keys, {c['params']:,} params, {dtypes}, {layout}")
+    print(f"  other keys: {len(info['other_keys'])}, EMA keys: {info['ema_keys']}")
+    for key, value in info["metadata"].items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        print(f"  metadata {key}: {text[:100]}{'…' if len(text) > 100 else ''}")
+    for name, value in (info.get("hashes") or {}).items():
+        print(f"  {name}: {value}")
+    for warning in info["warnings"]:
+        print(f"  warning: {warning}")
+    return 0
+
+
+def _hash(args: argparse.Namespace) -> int:
+    from .checkpoint import open_checkpoint
+    from .hashing import hash_file
+
+    results = {}
+    for path in args.files:
+        open_checkpoint(path).close()  # a clear error for a missing or non-checkpoint file
+        results[str(path)] = hash_file(path).to_dict()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for path, h in results.items():
+            print(f"{h['sha256']}  shorthash {h['shorthash']}  legacy {h['legacy']}  autov3 {h['autov3']}  {path}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .a1111 import apply_resolution, convert_a1111, load_a1111_metadata, resolve_overrides
+    from .resolve import FileResolver
+
+    conversion = convert_a1111(load_a1111_metadata(args.file))
+    recipe = conversion.recipe
+    if args.resolve or args.model_root:
+        resolver = FileResolver(Path.cwd(), args.model_root)
+        recipe, unresolved = apply_resolution(conversion, resolve_overrides(args.resolve),
+                                              lambda name: _try_find(resolver, name))
+        _fail_unresolved(unresolved)
+    for warning in conversion.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    text = json.dumps(recipe.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}: {len(conversion.leaves)} leaves", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from .recipe import recipe_schema
+
+    print(json.dumps(recipe_schema(), indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Execution: stream a plan into a safetensors file, tensor by tensor, chunk by chunk.
+
+Memory does not grow with the number of models or their size: each worker thread owns a few
+cache-sized buffers and walks the output in chunks. For every chunk it reads each source's
+bytes straight into a staging buffer, widens them into an fp32 (or fp64) scratch buffer and
+adds that into the accumulator; widening into a reused buffer and then adding same-dtype
+tensors is several times faster than torch's mixed-dtype in-place add. The sum is rounded to
+the output dtype once and written with a positioned write at the offset the plan laid out, so
+threads need no ordering and the bytes are the same whatever the thread count.
+
+The file is written under a temporary name, fsynced and renamed: a crash or an error never
+leaves a file that looks complete, and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPES, ITEMSIZE
+from .errors import LayoutMismatchError, MergeCancelled, NonFiniteError, RecipeError
+from .plan import KeyPlan, Plan
+
+CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: stays in cache between the widen and the add
+HASH_BLOCK = 16 << 20
+
+
+@dataclass(frozen=True)
+class ExecOptions:
+    threads: int = 0  # 0: one per core, at most 4 (the work is memory-bound beyond that)
+    device: str = "cpu"
+    chunk_elements: int = CHUNK_ELEMENTS
+
+    def thread_count(self) -> int:
+        return self.threads or max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class Progress:
+    tensors_done: int
+    tensors_total: int
+    bytes_read: int
+    bytes_total: int
+    elapsed: float
+
+    @property
+    def eta(self) -> float | None:
+        if not self.bytes_read:
+            return None
+        return self.elapsed * (self.bytes_total - self.bytes_read) / self.bytes_read
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    path: Path
+    size: int
+    sha256: str | None
+    metadata: dict[str, str]
+    seconds: float
+
+
+def merge(
+    plan: Plan,
+    output_path: str | os.PathLike[str],
+    *,
+    options: ExecOptions = ExecOptions(),
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    tmp_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    compute_sha256: bool = False,
+) -> MergeResult:
+    output = Path(output_path).absolute()
+    if any(output.resolve() == item.path for item in plan.inputs):
+        raise RecipeError("the recipe references its own output file", model=output.name)
+    if output.exists() and not overwrite:
+        raise RecipeError(f"output {output} already exists (use overwrite)")
+    created = _make_parents(output.parent)
+    tmp_parent = Path(tmp_dir) if tmp_dir else output.parent
+    tmp_parent.mkdir(parents=True, exist_ok=True)
+    partial = tmp_parent / f".{output.name}.{os.getpid()}.{threading.get_ident()}.partial"
+    started = time.perf_counter()
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.ftruncate(fd, plan.output_size)
+            os.pwrite(fd, plan.header, 0)
+            _Run(plan, fd, options, progress, should_cancel).run()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        digest = _sha256(partial) if compute_sha256 else None
+        os.replace(partial, output)
+        _fsync_dir(output.parent)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+    return MergeResult(output, plan.output_size, digest, plan.metadata, time.perf_counter() - started)
+
+
+class _Run:
+    """One execution: a queue of (key, chunk) items shared by a few threads."""
+
+    def __init__(self, plan: Plan, fd: int, options: ExecOptions,
+                 progress: Callable[[Progress], None] | None, should_cancel: Callable[[], bool] | None):
+        self.plan, self.fd, self.options = plan, fd, options
+        self.report, self.should_cancel = progress, should_cancel
+        self.data_start = len(plan.header)
+        self.acc_dtype = torch.float64 if plan.recipe.output.accumulate == "fp64" else torch.float32
+        self.check_finite = plan.recipe.output.non_finite == "error"
+        self.items = self._items()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.bytes_total = plan.bytes_to_read
+        self.bytes_read = 0
+        self.tensors_done = 0
+        self.started = time.perf_counter()
+
+    def _items(self) -> Iterator[tuple[KeyPlan, int, int, bool]]:
+        step = self.options.chunk_elements
+        for key in self.plan.keys:
+            if key.kind == "integer" or key.numel <= step:
+                yield key, 0, key.numel, True
+                continue
+            for start in range(0, key.numel, step):
+                stop = min(start + step, key.numel)
+                yield key, start, stop, stop == key.numel
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.options.thread_count())]
+        for t in threads:
+            t.start()
+        while alive := [t for t in threads if t.is_alive()]:
+            alive[0].join(0.1)
+            if self.should_cancel is not None and not self.stop.is_set() and self.should_cancel():
+                self.error = self.error or MergeCancelled("the merge was cancelled")
+                self.stop.set()
+            self._report()
+        if self.error is not None:
+            raise self.error
+        self._report()
+
+    def _report(self) -> None:
+        if self.report is not None:
+            self.report(Progress(self.tensors_done, len(self.plan.keys), self.bytes_read, self.bytes_total,
+                                 time.perf_counter() - self.started))
+
+    def _work(self) -> None:
+        n = self.options.chunk_elements
+        staging = torch.empty(n * 8, dtype=torch.uint8)
+        scratch = torch.empty(n, dtype=self.acc_dtype)
+        acc = torch.empty(n, dtype=self.acc_dtype)
+        out = torch.empty(n * 8, dtype=torch.uint8)
+        try:
+            while not self.stop.is_set():
+                with self.lock:
+                    item = next(self.items, None)
+                if item is None:
+                    return
+                key, start, stop, last = item
+                if key.kind == "integer":
+                    data = self._integer(key)
+                else:
+                    data = self._float(key, start, stop, staging, scratch[: stop - start], acc[: stop - start], out)
+                os.pwrite(self.fd, memoryview(data.numpy()), self.data_start + key.offset + start * ITEMSIZE[key.dtype])
+                with self.lock:
+                    self.bytes_read += sum(
+                        (stop - start) * ITEMSIZE[self.plan.inputs[t.input].checkpoint.tensors[t.key].dtype]
+                        for t in key.terms
+                    )
+                    self.tensors_done += last
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            with self.lock:
+                self.error = self.error or exc
+            self.stop.set()
+
+    def _float(self, key: KeyPlan, start: int, stop: int, staging: torch.Tensor,
+               scratch: torch.Tensor, acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        for j, term in enumerate(key.terms):
+            src = self.plan.inputs[term.input].checkpoint.read_into(term.key, start, stop, staging)
+            if j == 0:
+                acc.copy_(src)
+                if term.coefficient != 1.0:
+                    acc.mul_(term.coefficient)
+            elif src.dtype == acc.dtype:
+                acc.add_(src, alpha=term.coefficient)
+            else:
+                scratch.copy_(src)
+                acc.add_(scratch, alpha=term.coefficient)
+        if self.check_finite and not torch.isfinite(acc.sum()):
+            self._blame_non_finite(key, start, stop, staging, acc)
+        result = out[: (stop - start) * ITEMSIZE[key.dtype]].view(DTYPES[key.dtype])
+        result.copy_(acc)
+        if self.check_finite and result.is_floating_point() and not torch.isfinite(result).all():
+            raise NonFiniteError(f"the merged values overflow {key.dtype}; choose a wider output dtype",
+                                 component=key.component, key=key.key)
+        return result.view(torch.uint8)
+
+    def _blame_non_finite(self, key: KeyPlan, start: int, stop: int, staging: torch.Tensor,
+                          acc: torch.Tensor) -> None:
+        """The sum is not finite (or merely overflowed the reduction): find the input at fault."""
+        for term in key.terms:
+            src = self.plan.inputs[term.input].checkpoint.read_into(term.key, start, stop, staging)
+            if not torch.isfinite(src).all():
+                raise NonFiniteError(
+                    "input tensor holds NaN or Inf (set output.non_finite to \"keep\" to merge anyway)",
+                    model=self.plan.inputs[term.input].name, component=key.component, key=key.key,
+                )
+        if not torch.isfinite(acc).all():
+            raise NonFiniteError("the weighted sum overflows", component=key.component, key=key.key)
+
+    def _integer(self, key: KeyPlan) -> torch.Tensor:
+        values = [(t, self.plan.inputs[t.input].checkpoint.read_tensor(t.key)) for t in key.terms]
+        first_term, first = values[0]
+        for term, value in values[1:]:
+            if not torch.equal(value, first):
+                raise LayoutMismatchError(
+                    f"integer tensor differs from {self.plan.inputs[first_term.input].name}'s; integers are never averaged",
+                    model=self.plan.inputs[term.input].name, component=key.component, key=key.key,
+                )
+        return first.reshape(-1).contiguous().view(torch.uint8)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    created = []
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            break
+        created.append(parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    return created  # deepest first
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,341 @@
+"""Planning: a recipe resolved against real file headers, checked before any weight is read.
+
+`plan()` opens headers only. It resolves every model reference, detects architectures and
+components, flattens each component's source tree into exact leaf coefficients, checks that
+the sources of every component agree on keys, shapes and kinds, and lays out the output file
+(header bytes, every tensor's offset). Every problem is a typed error naming the model, the
+component and the key; a plan that comes back is one the executor can run to the end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .architecture import ModelInfo, check_compatible, detect, native_dtype
+from .checkpoint import ITEMSIZE, Checkpoint, open_checkpoint
+from .errors import ArchitectureError, LayoutMismatchError, ResolveError
+from .hashing import hash_file
+from .methods import flatten
+from .recipe import COMPONENTS, Leaf, ModelLeaf, Recipe, all_leaves, canonical_json, rewrite_leaves
+
+OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+OPTIONAL_KEYS = ("position_ids",)  # files written by transformers >= 4.31 lack it
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a recipe leaf lives. Hashes are optional: the registry knows them, the CLI computes them."""
+
+    path: Path
+    name: str
+    sha256: str | None = None
+    legacy: str | None = None
+
+
+Resolver = Callable[[Leaf], ResolvedModel]
+
+
+@dataclass(frozen=True)
+class PlannedInput:
+    label: str
+    path: Path
+    name: str
+    sha256: str
+    legacy: str
+    checkpoint: Checkpoint = field(repr=False)
+    info: ModelInfo = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Term:
+    input: int
+    key: str  # the key as stored in that input's file
+    coefficient: float
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    key: str
+    component: str  # a component name, or "other"
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str  # "float" (weighted sum, rounded once) or "integer" (copied, must agree)
+    terms: tuple[Term, ...]
+    offset: int = 0  # from the start of the data section
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    canonical_recipe: Recipe
+    recipe_hash: str
+    architecture: str | None
+    variant: str | None
+    inputs: tuple[PlannedInput, ...]
+    components: dict[str, tuple[tuple[int, Fraction], ...]]
+    keys: tuple[KeyPlan, ...]
+    metadata: dict[str, str]
+    header: bytes
+    warnings: tuple[str, ...]
+
+    @property
+    def output_size(self) -> int:
+        return len(self.header) + sum(k.nbytes for k in self.keys)
+
+    @property
+    def bytes_to_read(self) -> int:
+        return sum(
+            self.inputs[t.input].checkpoint.tensors[t.key].nbytes for k in self.keys for t in k.terms
+        )
+
+    def close(self) -> None:
+        for item in self.inputs:
+            item.checkpoint.close()
+
+    def to_dict(self) -> dict[str, Any]:
+        per_component: dict[str, dict[str, Any]] = {}
+        for component, terms in self.components.items():
+            keys = [k for k in self.keys if k.component == component]
+            per_component[component] = {
+                "sources": [
+                    {"model": self.inputs[i].name, "sha256": self.inputs[i].sha256,
+                     "weight": float(c), "exact_weight": str(c)}
+                    for i, c in terms
+                ],
+                "keys": len(keys),
+                "params": sum(k.numel for k in keys if k.kind == "float"),
+            }
+        return {
+            "name": self.recipe.name,
+            "architecture": self.architecture,
+            "variant": self.variant,
+            "recipe_hash": self.recipe_hash,
+            "inputs": [
+                {"name": i.name, "path": str(i.path), "sha256": i.sha256, "label": i.label,
+                 "architecture": i.info.architecture, "size": i.checkpoint.size}
+                for i in self.inputs
+            ],
+            "components": per_component,
+            "other_keys": sum(1 for k in self.keys if k.component == "other"),
+            "output": {"keys": len(self.keys), "bytes": self.output_size, "dtype": self.recipe.output.dtype,
+                       "accumulate": self.recipe.output.accumulate},
+            "bytes_to_read": self.bytes_to_read,
+            "warnings": list(self.warnings),
+        }
+
+
+def plan(recipe: Recipe, resolver: Resolver) -> Plan:
+    inputs, index_of = _open_inputs(recipe, resolver)
+    try:
+        return _plan(recipe, inputs, index_of)
+    except BaseException:
+        for item in inputs:
+            item.checkpoint.close()
+        raise
+
+
+def _open_inputs(recipe: Recipe, resolver: Resolver) -> tuple[list[PlannedInput], dict[Hashable, int]]:
+    inputs: list[PlannedInput] = []
+    by_path: dict[Path, int] = {}
+    index_of: dict[Hashable, int] = {}
+    try:
+        for leaf in all_leaves(recipe):
+            resolved = resolver(leaf)
+            real = resolved.path.resolve()
+            if real not in by_path:
+                sha256, legacy = resolved.sha256, resolved.legacy
+                if sha256 is None or legacy is None:
+                    hashes = hash_file(real)
+                    sha256, legacy = hashes.sha256, hashes.legacy
+                checkpoint = open_checkpoint(real, name=resolved.name)
+                info = detect(checkpoint.tensors, model=resolved.name)
+                by_path[real] = len(inputs)
+                label = leaf.label() if isinstance(leaf, ModelLeaf) else leaf
+                inputs.append(PlannedInput(label, real, resolved.name, sha256, legacy, checkpoint, info))
+            found = inputs[by_path[real]]
+            if isinstance(leaf, ModelLeaf) and leaf.sha256 and leaf.sha256 != found.sha256:
+                raise ResolveError(
+                    f"file {found.path.name} has sha256 {found.sha256[:10]}…, the recipe asks for {leaf.sha256[:10]}…",
+                    model=leaf.label(),
+                )
+            index_of[leaf] = by_path[real]
+    except BaseException:
+        for item in inputs:
+            item.checkpoint.close()
+        raise
+    return inputs, index_of
+
+
+def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, int]) -> Plan:
+    warnings: list[str] = []
+    architecture = _common_architecture(inputs)
+    merge_terms = _terms(flatten(recipe.merge), index_of)
+    components: dict[str, tuple[tuple[int, Fraction], ...]] = {}
+    keys: list[KeyPlan] = []
+    variant = None
+    for component in COMPONENTS:
+        named = component in recipe.components
+        terms = _terms(flatten(recipe.components[component]), index_of) if named else merge_terms
+        have = [i for i, _ in terms if component in inputs[i].info.components]
+        if not have and not named:
+            continue  # no source of the default merge has this component: the output lacks it too
+        for i, _ in terms:
+            if component not in inputs[i].info.components:
+                raise LayoutMismatchError(
+                    f"model has no {component} but the recipe takes {component} from it",
+                    model=inputs[i].name, component=component,
+                )
+        warnings += check_compatible([(inputs[i].name, inputs[i].info) for i, _ in terms], component)
+        if component == "unet":
+            variant = inputs[terms[0][0]].info.variant
+        components[component] = terms
+        keys += _component_keys(recipe, architecture, component, inputs, terms)
+    first = merge_terms[0][0]
+    taken = {k.key for k in keys}
+    for key in inputs[first].info.other:
+        if key in taken:
+            continue
+        file_key = inputs[first].info.key_map.get(key, key)
+        info = inputs[first].checkpoint.tensors[file_key]
+        dtype = native_dtype(architecture, key) if info.is_float else info.dtype
+        keys.append(KeyPlan(key, "other", dtype or info.dtype, info.shape,
+                            "float" if info.is_float else "integer", (Term(first, file_key, 1.0),)))
+    dropped = sum(len(inputs[i].info.ema) for i, _ in merge_terms)
+    if dropped:
+        warnings.append(f"{dropped} EMA tensors (model_ema.*) are not carried into the merge")
+    for item in inputs:
+        warnings += [f"{item.name}: {w}" for w in item.info.warnings]
+    keys = _lay_out(sorted(keys, key=lambda k: k.key))
+    canonical = rewrite_leaves(
+        recipe, lambda leaf: {"sha256": inputs[index_of[leaf]].sha256, "name": inputs[index_of[leaf]].path.name}
+    )
+    recipe_hash = canonical.recipe_hash()
+    metadata = _metadata(canonical, recipe_hash, inputs)
+    return Plan(recipe, canonical, recipe_hash, architecture, variant, tuple(inputs), components,
+                tuple(keys), metadata, _header(metadata, keys), tuple(dict.fromkeys(warnings)))
+
+
+def _terms(flat: dict[Hashable, Fraction], index_of: dict[Hashable, int]) -> tuple[tuple[int, Fraction], ...]:
+    merged: dict[int, Fraction] = {}
+    for leaf, c in flat.items():  # two references to one file add up
+        merged[index_of[leaf]] = merged.get(index_of[leaf], Fraction(0)) + c
+    return tuple((i, c) for i, c in merged.items() if c != 0)
+
+
+def _common_architecture(inputs: list[PlannedInput]) -> str | None:
+    known = [(i.name, i.info.architecture) for i in inputs if i.info.architecture]
+    for name, arch in known[1:]:
+        if arch != known[0][1]:
+            raise ArchitectureError(
+                f"cannot merge {known[0][1]} model {known[0][0]!r} with {arch} model {name!r}", model=name
+            )
+    return known[0][1] if known else None
+
+
+def _component_keys(recipe: Recipe, architecture: str | None, component: str,
+                    inputs: list[PlannedInput], terms: tuple[tuple[int, Fraction], ...]) -> list[KeyPlan]:
+    ref = inputs[terms[0][0]]
+    ref_keys = set(ref.info.components[component])
+    for i, _ in terms[1:]:
+        other = inputs[i]
+        theirs = set(other.info.components[component])
+        for missing, holder in ((ref_keys - theirs, other), (theirs - ref_keys, ref)):
+            missing = {k for k in missing if not k.endswith(OPTIONAL_KEYS)}
+            if missing:
+                raise LayoutMismatchError(
+                    f"key missing here but present in the other sources ({len(missing)} keys differ)",
+                    model=holder.name, component=component, key=sorted(missing)[0],
+                )
+    out_dtype = OUTPUT_DTYPES[recipe.output.dtype]
+    plans = []
+    for key in sorted(ref_keys | {k for i, _ in terms for k in inputs[i].info.components[component]}):
+        present = [(i, c) for i, c in terms if key in inputs[i].info.components[component]]
+        infos = [(i, c, inputs[i].info.key_map.get(key, key)) for i, c in present]
+        first = inputs[infos[0][0]].checkpoint.tensors[infos[0][2]]
+        for i, _, file_key in infos[1:]:
+            info = inputs[i].checkpoint.tensors[file_key]
+            if info.shape != first.shape:
+                raise LayoutMismatchError(
+                    f"shape {list(info.shape)} differs from {list(first.shape)} in {inputs[infos[0][0]].name}",
+                    model=inputs[i].name, component=component, key=key,
+                )
+            if info.is_float != first.is_float:
+                raise LayoutMismatchError(
+                    f"dtype {info.dtype} cannot be merged with {first.dtype} in {inputs[infos[0][0]].name}",
+                    model=inputs[i].name, component=component, key=key,
+                )
+        if first.is_float:
+            dtype = native_dtype(architecture, key) or out_dtype
+            terms_out = tuple(Term(i, fk, float(c)) for i, c, fk in infos)
+            plans.append(KeyPlan(key, component, dtype, first.shape, "float", terms_out))
+        else:  # integers are copied, never averaged; every source must agree
+            plans.append(KeyPlan(key, component, first.dtype, first.shape, "integer",
+                                 tuple(Term(i, fk, 1.0) for i, _, fk in infos)))
+    return plans
+
+
+def _lay_out(keys: list[KeyPlan]) -> list[KeyPlan]:
+    out, offset = [], 0
+    for k in keys:
+        out.append(KeyPlan(k.key, k.component, k.dtype, k.shape, k.kind, k.terms, offset))
+        offset += k.nbytes
+    return out
+
+
+def _metadata(canonical: Recipe, recipe_hash: str, inputs: list[PlannedInput]) -> dict[str, str]:
+    """Provenance: our canonical recipe, plus A1111's two keys so the WebUI shows the lineage."""
+    models: dict[str, Any] = {}
+    for item in inputs:  # like the WebUI, carry the inputs' own lineage forward
+        try:
+            models.update(json.loads(item.checkpoint.metadata.get("sd_merge_models", "{}")))
+        except (json.JSONDecodeError, TypeError):
+            pass
+    for item in inputs:
+        own = item.checkpoint.metadata.get("sd_merge_recipe")
+        try:
+            own_recipe = json.loads(own) if own else None
+        except json.JSONDecodeError:
+            own_recipe = None
+        models[item.sha256] = {"name": item.path.name, "legacy_hash": item.legacy,
+                               "sd_merge_recipe": own_recipe}
+    a1111_recipe = {
+        "type": "sdmerge",
+        "custom_name": canonical.name,
+        "save_as_half": canonical.output.dtype == "fp16",
+        "recipe": canonical.model_dump(mode="json"),
+    }
+    return {
+        "format": "pt",
+        "sdmerge_version": __version__,
+        "sdmerge_recipe": canonical.canonical_json(),
+        "sdmerge_recipe_hash": recipe_hash,
+        "sdmerge_inputs": canonical_json([{"sha256": i.sha256, "name": i.path.name} for i in inputs]),
+        "sd_merge_recipe": canonical_json(a1111_recipe),
+        "sd_merge_models": canonical_json(models),
+    }
+
+
+def _header(metadata: dict[str, str], keys: list[KeyPlan]) -> bytes:
+    entries: dict[str, Any] = {"__metadata__": metadata}
+    for k in keys:
+        entries[k.key] = {"dtype": k.dtype, "shape": list(k.shape), "data_offsets": [k.offset, k.offset + k.nbytes]}
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data section to 8 bytes
+    return len(text).to_bytes(8, "little") + text

@@ -1,0 +1,258 @@
+"""The recipe: one frozen, validated document shared by the CLI, the API body and stored JSON.
+
+A recipe says which source each component comes from. A source is a model reference (copy
+that component) or a method node over sources. Validators raise `ValueError` so pydantic
+reports the field path (the API turns that into a 422).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import RecipeError
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+ComponentName = Literal["unet", "text_encoder", "text_encoder_2", "vae"]
+DType = Literal["fp16", "bf16", "fp32"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelLeaf(_Frozen):
+    """A checkpoint identified by content: how canonical recipes and A1111 conversions name leaves."""
+
+    sha256: str | None = Field(default=None, description="full sha256 hex of the file")
+    name: str | None = Field(default=None, description="file name, used when no sha256 matches")
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = value.lower()
+            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                raise ValueError("sha256 must be 64 hex digits")
+        return value
+
+    @model_validator(mode="after")
+    def _some_identity(self) -> ModelLeaf:
+        if self.sha256 is None and not self.name:
+            raise ValueError("a model leaf needs a sha256 or a name")
+        return self
+
+    def label(self) -> str:
+        return self.name or f"sha256:{self.sha256}"
+
+
+ModelRef = Annotated[str, Field(min_length=1, description="a file path, a name, or sha256:<hex>")]
+
+
+class Weighted(_Frozen):
+    method: Literal["weighted"]
+    models: list[WeightedInput | Source] = Field(min_length=1)
+    normalize: bool = True
+
+    @model_validator(mode="after")
+    def _weights(self) -> Weighted:
+        weights = [item.weight for item in self.inputs()]
+        if all(w == 0 for w in weights):
+            raise ValueError("weights are all zero")
+        if not self.normalize:
+            return self
+        if any(w < 0 for w in weights):
+            raise ValueError("weights must not be negative (use add_difference for differences)")
+        return self
+
+    def inputs(self) -> list[WeightedInput]:
+        return [m if isinstance(m, WeightedInput) else WeightedInput(model=m, weight=1.0) for m in self.models]
+
+
+class WeightedInput(_Frozen):
+    model: Source
+    weight: float
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("weight must be a finite number")
+        return value
+
+
+class Uniform(_Frozen):
+    method: Literal["uniform"]
+    models: list[Source] = Field(min_length=1)
+
+
+class AddDifference(_Frozen):
+    """a + alpha * (b - c): graft what b learned over c onto a."""
+
+    method: Literal["add_difference"]
+    a: Source
+    b: Source
+    c: Source
+    alpha: float = 1.0
+
+    @field_validator("alpha")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("alpha must be a finite number")
+        return value
+
+
+def _source_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "ref"
+    if isinstance(value, BaseModel):
+        return getattr(value, "method", None) or "leaf"
+    if isinstance(value, dict):
+        if "method" in value:
+            return value["method"] if value["method"] in METHOD_NODES else "unknown_method"
+        return "leaf"
+    return None
+
+
+Source = Annotated[
+    Union[  # noqa: UP007 - one tagged member per line reads better
+        Annotated[ModelRef, Tag("ref")],
+        Annotated[ModelLeaf, Tag("leaf")],
+        Annotated[Uniform, Tag("uniform")],
+        Annotated[Weighted, Tag("weighted")],
+        Annotated[AddDifference, Tag("add_difference")],
+    ],
+    Discriminator(
+        _source_kind,
+        custom_error_type="invalid_source",
+        custom_error_message="a source is a model reference or an object with a known 'method'",
+    ),
+]
+METHOD_NODES = {"uniform": Uniform, "weighted": Weighted, "add_difference": AddDifference}
+MethodNode = Uniform | Weighted | AddDifference
+Leaf = str | ModelLeaf
+
+
+class OutputOptions(_Frozen):
+    dtype: DType = "fp16"
+    accumulate: Literal["fp32", "fp64"] = "fp32"
+    non_finite: Literal["error", "keep"] = Field(
+        default="error", description="what to do with NaN/Inf in an input tensor"
+    )
+
+
+class Recipe(_Frozen):
+    name: str | None = Field(default=None, max_length=200)
+    merge: Source
+    components: dict[ComponentName, Source] = Field(default_factory=dict)
+    output: OutputOptions = OutputOptions()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(c in value for c in "/\\\0")):
+            raise ValueError("name must be non-empty and hold no path separators")
+        return value
+
+    def source_for(self, component: str) -> Source:
+        return self.components.get(component, self.merge)
+
+    def canonical_json(self) -> str:
+        return canonical_json(self.model_dump(mode="json"))
+
+    def recipe_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+for _model in (Weighted, WeightedInput, Uniform, AddDifference, Recipe):
+    _model.model_rebuild()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_recipe(data: Mapping[str, Any] | str | bytes) -> Recipe:
+    """Validate a recipe from JSON text or a decoded object; errors become `RecipeError`."""
+    try:
+        if isinstance(data, str | bytes):
+            return Recipe.model_validate_json(data)
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        path = ".".join(str(p) for p in first["loc"]) or "recipe"
+        raise RecipeError(
+            f"invalid recipe at {path}: {first['msg']}",
+            details={"errors": json.loads(exc.json(include_url=False, include_input=False))},
+        ) from None
+
+
+def iter_leaves(source: Source) -> Iterator[Leaf]:
+    if isinstance(source, str | ModelLeaf):
+        yield source
+    elif isinstance(source, Uniform):
+        for child in source.models:
+            yield from iter_leaves(child)
+    elif isinstance(source, Weighted):
+        for item in source.inputs():
+            yield from iter_leaves(item.model)
+    else:
+        for child in (source.a, source.b, source.c):
+            yield from iter_leaves(child)
+
+
+def all_leaves(recipe: Recipe) -> list[Leaf]:
+    """Every distinct leaf, in first-use order, `merge` first."""
+    seen: dict[Any, None] = {}
+    for source in (recipe.merge, *recipe.components.values()):
+        for leaf in iter_leaves(source):
+            seen.setdefault(leaf, None)
+    return list(seen)
+
+
+def map_leaves(source: Source, fn: Callable[[Leaf], Any]) -> Any:
+    """The source as JSON-ready data with every leaf replaced by `fn(leaf)`."""
+    if isinstance(source, str | ModelLeaf):
+        return fn(source)
+    if isinstance(source, Uniform):
+        return {"method": "uniform", "models": [map_leaves(m, fn) for m in source.models]}
+    if isinstance(source, Weighted):
+        return {
+            "method": "weighted",
+            "normalize": source.normalize,
+            "models": [{"model": map_leaves(i.model, fn), "weight": i.weight} for i in source.inputs()],
+        }
+    return {
+        "method": "add_difference",
+        "a": map_leaves(source.a, fn),
+        "b": map_leaves(source.b, fn),
+        "c": map_leaves(source.c, fn),
+        "alpha": source.alpha,
+    }
+
+
+def rewrite_leaves(recipe: Recipe, fn: Callable[[Leaf], Any]) -> Recipe:
+    """A new recipe whose leaves are `fn(leaf)` (e.g. paths replaced by sha256 and file name)."""
+    data = recipe.model_dump(mode="json")
+    data["merge"] = map_leaves(recipe.merge, fn)
+    data["components"] = {c: map_leaves(s, fn) for c, s in recipe.components.items()}
+    return Recipe.model_validate(data)
+
+
+def recipe_schema() -> dict[str, Any]:
+    return Recipe.model_json_schema()

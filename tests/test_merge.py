@@ -1,0 +1,173 @@
+"""The engine end to end on tiny SD-shaped checkpoints, checked against an independent fp64 sum."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from merge_engine.execute import ExecOptions, merge
+from merge_engine.plan import plan
+from merge_engine.recipe import parse_recipe
+from merge_engine.resolve import FileResolver
+
+FP16_ULP_SLACK = 1  # every float tensor within one ulp of the exactly rounded result
+
+
+def run(recipe: dict, base: Path, out: Path, **options) -> tuple[Path, object]:
+    merge_plan = plan(parse_recipe(recipe), FileResolver(base))
+    try:
+        merge(merge_plan, out, options=ExecOptions(**options))
+    finally:
+        merge_plan.close()
+    return out, merge_plan
+
+
+def reference(paths_and_weights: list[tuple[Path, Fraction]], key: str) -> torch.Tensor:
+    total = None
+    for path, weight in paths_and_weights:
+        value = load_file(path)[key].double() * float(weight)
+        total = value if total is None else total + value
+    return total
+
+
+def assert_within_one_ulp(actual: torch.Tensor, exact: torch.Tensor) -> None:
+    rounded = exact.to(actual.dtype)
+    up = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
+    down = torch.nextafter(rounded, torch.full_like(rounded, float("-inf")))
+    ok = (actual == rounded) | (actual == up) | (actual == down)
+    assert bool(ok.all()), f"{(~ok).sum()} values off by more than one ulp"
+
+
+def test_uniform_merge_matches_fp64_reference(make_model, tmp_path):
+    paths = [make_model(f"m{i}.safetensors", seed=i) for i in range(3)]
+    recipe = {"merge": {"method": "uniform", "models": [str(p) for p in paths]}}
+    out, merge_plan = run(recipe, tmp_path, tmp_path / "out.safetensors")
+    merged = load_file(out)
+    source = load_file(paths[0])
+    assert set(merged) == set(source)
+    floats = 0
+    for key, value in merged.items():
+        if key in ("betas", "alphas_cumprod") or value.dtype == torch.float32:
+            assert value.dtype == source[key].dtype  # schedule buffers stay fp32
+            continue
+        assert value.dtype == torch.float16
+        assert_within_one_ulp(value, reference([(p, Fraction(1, 3)) for p in paths], key))
+        floats += 1
+    assert floats > 1000
+
+
+def test_binary_tree_and_flat_uniform_give_identical_tensors(make_model, tmp_path):
+    a, b, c, d = (str(make_model(f"{n}.safetensors", seed=i)) for i, n in enumerate("abcd"))
+    tree = {"merge": {"method": "uniform", "models": [
+        {"method": "uniform", "models": [a, b]}, {"method": "uniform", "models": [c, d]}]}}
+    flat = {"merge": {"method": "uniform", "models": [a, b, c, d]}}
+    t1, _ = run(tree, tmp_path, tmp_path / "tree.safetensors")
+    t2, _ = run(flat, tmp_path, tmp_path / "flat.safetensors")
+    x, y = load_file(t1), load_file(t2)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_same_recipe_same_inputs_byte_identical_whatever_the_threads(make_model, tmp_path):
+    paths = [str(make_model(f"m{i}.safetensors", seed=i)) for i in range(2)]
+    recipe = {"name": "twice", "merge": {"method": "weighted", "models": [{"model": paths[0], "weight": 3}, paths[1]]}}
+    one, _ = run(recipe, tmp_path, tmp_path / "one.safetensors", threads=1, chunk_elements=4096)
+    two, _ = run(recipe, tmp_path, tmp_path / "two.safetensors", threads=3)
+    assert one.read_bytes() == two.read_bytes()
+
+
+def test_components_from_other_sources_and_standalone_vae(make_model, tmp_path):
+    from merge_engine.synthetic import tiny_state_dict
+
+    a = make_model("a.safetensors", seed=1)
+    b = make_model("b.safetensors", seed=2)
+    te = make_model("te.safetensors", seed=3)
+    vae_only = {k.removeprefix("first_stage_model."): v for k, v in tiny_state_dict("sd2", seed=4).items()
+                if k.startswith("first_stage_model.")}
+    vae = make_model("vae-ft-mse.safetensors", state=vae_only)
+    recipe = {"merge": {"method": "uniform", "models": [str(a), str(b)]},
+              "components": {"text_encoder": str(te), "vae": str(vae)}, "output": {"dtype": "fp32"}}
+    out, _ = run(recipe, tmp_path, tmp_path / "out.safetensors")
+    merged = load_file(out)
+    te_sd, vae_sd = load_file(te), load_file(vae)
+    key = "cond_stage_model.model.token_embedding.weight"
+    assert torch.equal(merged[key], te_sd[key].float())
+    assert torch.equal(merged["first_stage_model.decoder.conv_out.weight"], vae_sd["decoder.conv_out.weight"].float())
+    unet_key = "model.diffusion_model.out.2.weight"
+    assert_within_one_ulp(merged[unet_key], reference([(a, Fraction(1, 2)), (b, Fraction(1, 2))], unet_key))
+
+
+def test_add_difference_and_fp64_accumulation(make_model, tmp_path):
+    a, b, c = (make_model(f"{n}.safetensors", seed=i) for i, n in enumerate("abc"))
+    recipe = {"merge": {"method": "add_difference", "a": str(a), "b": str(b), "c": str(c), "alpha": 0.7},
+              "output": {"dtype": "fp32", "accumulate": "fp64"}}
+    out, _ = run(recipe, tmp_path, tmp_path / "out.safetensors")
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    exact = reference([(a, Fraction(1)), (b, Fraction(7, 10)), (c, Fraction(-7, 10))], key)
+    assert_within_one_ulp(load_file(out)[key], exact)
+
+
+def test_sd1_integer_position_ids_are_copied_not_averaged(make_model, tmp_path):
+    paths = [str(make_model(f"s{i}.safetensors", "sd1", seed=i)) for i in range(3)]
+    out, _ = run({"merge": {"method": "uniform", "models": paths}}, tmp_path, tmp_path / "out.safetensors")
+    key = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    value = load_file(out)[key]
+    assert value.dtype == torch.int64 and torch.equal(value, torch.arange(77).reshape(1, 77))
+
+
+def test_sdxl_bf16_output_and_pickle_input(make_model, tmp_path):
+    from merge_engine.synthetic import tiny_state_dict
+
+    a = make_model("x1.safetensors", "sdxl", seed=1)
+    ckpt = tmp_path / "models" / "x2.ckpt"
+    torch.save({"state_dict": tiny_state_dict("sdxl", seed=2), "global_step": 10}, ckpt)
+    out, merge_plan = run({"merge": {"method": "uniform", "models": [str(a), str(ckpt)]}, "output": {"dtype": "bf16"}},
+                          tmp_path, tmp_path / "out.safetensors")
+    assert merge_plan.architecture == "sdxl"
+    assert set(merge_plan.components) == {"unet", "text_encoder", "text_encoder_2", "vae"}
+    key = "conditioner.embedders.1.model.ln_final.weight"
+    assert load_file(out)[key].dtype == torch.bfloat16
+
+
+def test_output_metadata_has_canonical_recipe_and_a1111_lineage(make_model, tmp_path):
+    a = make_model("a.safetensors", seed=1)
+    b = make_model("b.safetensors", seed=2)
+    recipe = {"name": "mix", "merge": {"method": "uniform", "models": [str(a), "b.safetensors"]}}
+    merge_plan = plan(parse_recipe(recipe), FileResolver(tmp_path / "models"))
+    merge_plan.close()
+    out, _ = run(recipe | {"merge": {"method": "uniform", "models": [str(a), str(b)]}}, tmp_path,
+                 tmp_path / "out.safetensors")
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    canonical = json.loads(meta["sdmerge_recipe"])
+    leaves = canonical["merge"]["models"]
+    assert [leaf["name"] for leaf in leaves] == ["a.safetensors", "b.safetensors"]
+    assert all(len(leaf["sha256"]) == 64 for leaf in leaves)
+    assert str(tmp_path) not in meta["sdmerge_recipe"]  # never a local path
+    assert meta["sdmerge_recipe_hash"] == merge_plan.recipe_hash  # same leaves, found by name or by path
+    models = json.loads(meta["sd_merge_models"])
+    assert {m["name"] for m in models.values()} == {"a.safetensors", "b.safetensors"}
+    assert json.loads(meta["sd_merge_recipe"])["custom_name"] == "mix"
+
+
+def test_progress_and_cancel(make_model, tmp_path):
+    from merge_engine.errors import MergeCancelled
+
+    paths = [str(make_model(f"m{i}.safetensors", seed=i)) for i in range(2)]
+    merge_plan = plan(parse_recipe({"merge": {"method": "uniform", "models": paths}}), FileResolver(tmp_path))
+    seen = []
+    out_dir = tmp_path / "out"
+    with pytest.raises(MergeCancelled):
+        merge(merge_plan, out_dir / "x.safetensors", options=ExecOptions(threads=1, chunk_elements=64),
+              progress=seen.append, should_cancel=lambda: len(seen) > 0)
+    assert not out_dir.exists()  # the folder it made is gone too
+    result = merge(merge_plan, tmp_path / "y.safetensors", progress=seen.append)
+    merge_plan.close()
+    assert seen[-1].tensors_done == seen[-1].tensors_total == len(merge_plan.keys)
+    assert seen[-1].bytes_read == seen[-1].bytes_total
+    assert result.size == (tmp_path / "y.safetensors").stat().st_size
