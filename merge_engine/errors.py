@@ -86,3 +86,9 @@ class MergeCancelled(SdmergeError):
     """The caller asked the running merge to stop."""
 
     code = "cancelled"
+
+
+class OptionsError(SdmergeError):
+    """An execution option (device, threads) cannot be honoured here."""
+
+    code = "invalid_options"

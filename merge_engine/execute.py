@@ -1,12 +1,10 @@
 """Execution: stream a plan into a safetensors file, tensor by tensor, chunk by chunk.
 
-Memory does not grow with the number of models or their size: each worker thread owns a few
-cache-sized buffers and walks the output in chunks. For every chunk it reads each source's
-bytes straight into a staging buffer, widens them into an fp32 (or fp64) scratch buffer and
-adds that into the accumulator; widening into a reused buffer and then adding same-dtype
-tensors is several times faster than torch's mixed-dtype in-place add. The sum is rounded to
-the output dtype once and written with a positioned write at the offset the plan laid out, so
-threads need no ordering and the bytes are the same whatever the thread count.
+Memory does not grow with the number of models or their size: a few worker threads take
+(key, chunk) items in output order, each sums its chunk with its own cache-sized buffers
+(accumulate.py), rounds once to the output dtype, and writes the bytes with a positioned write
+at the offset the plan laid out. Threads need no ordering, and the bytes are the same whatever
+the thread count.
 
 The file is written under a temporary name, fsynced and renamed: a crash or an error never
 leaves a file that looks complete, and nothing is left behind.
@@ -24,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPES, ITEMSIZE
-from .errors import LayoutMismatchError, MergeCancelled, NonFiniteError, RecipeError
+from .accumulate import CpuAccumulator, DeviceAccumulator
+from .checkpoint import ITEMSIZE
+from .errors import LayoutMismatchError, MergeCancelled, OptionsError, RecipeError
 from .plan import KeyPlan, Plan
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: stays in cache between the widen and the add
@@ -40,6 +39,15 @@ class ExecOptions:
 
     def thread_count(self) -> int:
         return self.threads or max(1, min(4, os.cpu_count() or 1))
+
+    def torch_device(self) -> torch.device:
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise OptionsError(f"unknown device {self.device!r} (use cpu, cuda or cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise OptionsError(f"device {self.device!r} asked for, but torch sees no CUDA device")
+        return device
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ def merge(
     overwrite: bool = False,
     compute_sha256: bool = False,
 ) -> MergeResult:
+    options.torch_device()  # an impossible device fails before anything is written
     output = Path(output_path).absolute()
     if any(output.resolve() == item.path for item in plan.inputs):
         raise RecipeError("the recipe references its own output file", model=output.name)
@@ -120,6 +129,7 @@ class _Run:
         self.data_start = len(plan.header)
         self.acc_dtype = torch.float64 if plan.recipe.output.accumulate == "fp64" else torch.float32
         self.check_finite = plan.recipe.output.non_finite == "error"
+        self.device = options.torch_device()
         self.items = self._items()
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -159,22 +169,15 @@ class _Run:
                                  time.perf_counter() - self.started))
 
     def _work(self) -> None:
-        n = self.options.chunk_elements
-        staging = torch.empty(n * 8, dtype=torch.uint8)
-        scratch = torch.empty(n, dtype=self.acc_dtype)
-        acc = torch.empty(n, dtype=self.acc_dtype)
-        out = torch.empty(n * 8, dtype=torch.uint8)
         try:
+            accumulator = self._accumulator()
             while not self.stop.is_set():
                 with self.lock:
                     item = next(self.items, None)
                 if item is None:
                     return
                 key, start, stop, last = item
-                if key.kind == "integer":
-                    data = self._integer(key)
-                else:
-                    data = self._float(key, start, stop, staging, scratch[: stop - start], acc[: stop - start], out)
+                data = self._integer(key) if key.kind == "integer" else accumulator.sum_chunk(key, start, stop)
                 os.pwrite(self.fd, memoryview(data.numpy()), self.data_start + key.offset + start * ITEMSIZE[key.dtype])
                 with self.lock:
                     self.bytes_read += sum(
@@ -187,40 +190,11 @@ class _Run:
                 self.error = self.error or exc
             self.stop.set()
 
-    def _float(self, key: KeyPlan, start: int, stop: int, staging: torch.Tensor,
-               scratch: torch.Tensor, acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        for j, term in enumerate(key.terms):
-            src = self.plan.inputs[term.input].checkpoint.read_into(term.key, start, stop, staging)
-            if j == 0:
-                acc.copy_(src)
-                if term.coefficient != 1.0:
-                    acc.mul_(term.coefficient)
-            elif src.dtype == acc.dtype:
-                acc.add_(src, alpha=term.coefficient)
-            else:
-                scratch.copy_(src)
-                acc.add_(scratch, alpha=term.coefficient)
-        if self.check_finite and not torch.isfinite(acc.sum()):
-            self._blame_non_finite(key, start, stop, staging, acc)
-        result = out[: (stop - start) * ITEMSIZE[key.dtype]].view(DTYPES[key.dtype])
-        result.copy_(acc)
-        if self.check_finite and result.is_floating_point() and not torch.isfinite(result).all():
-            raise NonFiniteError(f"the merged values overflow {key.dtype}; choose a wider output dtype",
-                                 component=key.component, key=key.key)
-        return result.view(torch.uint8)
-
-    def _blame_non_finite(self, key: KeyPlan, start: int, stop: int, staging: torch.Tensor,
-                          acc: torch.Tensor) -> None:
-        """The sum is not finite (or merely overflowed the reduction): find the input at fault."""
-        for term in key.terms:
-            src = self.plan.inputs[term.input].checkpoint.read_into(term.key, start, stop, staging)
-            if not torch.isfinite(src).all():
-                raise NonFiniteError(
-                    "input tensor holds NaN or Inf (set output.non_finite to \"keep\" to merge anyway)",
-                    model=self.plan.inputs[term.input].name, component=key.component, key=key.key,
-                )
-        if not torch.isfinite(acc).all():
-            raise NonFiniteError("the weighted sum overflows", component=key.component, key=key.key)
+    def _accumulator(self) -> CpuAccumulator:
+        args = (self.plan, self.acc_dtype, self.options.chunk_elements, self.check_finite)
+        if self.device.type == "cpu":
+            return CpuAccumulator(*args)
+        return DeviceAccumulator(*args, self.device)
 
     def _integer(self, key: KeyPlan) -> torch.Tensor:
         values = [(t, self.plan.inputs[t.input].checkpoint.read_tensor(t.key)) for t in key.terms]

@@ -29,9 +29,14 @@ def run(recipe: dict, base: Path, out: Path, **options) -> tuple[Path, object]:
 
 
 def reference(paths_and_weights: list[tuple[Path, Fraction]], key: str) -> torch.Tensor:
+    return reference_from([(load_file(p), w) for p, w in paths_and_weights], key)
+
+
+def reference_from(states_and_weights: list[tuple[dict, Fraction]], key: str) -> torch.Tensor:
+    """The exact weighted sum in fp64, independent of the engine's code."""
     total = None
-    for path, weight in paths_and_weights:
-        value = load_file(path)[key].double() * float(weight)
+    for state, weight in states_and_weights:
+        value = state[key].double() * float(weight)
         total = value if total is None else total + value
     return total
 
@@ -49,7 +54,8 @@ def test_uniform_merge_matches_fp64_reference(make_model, tmp_path):
     recipe = {"merge": {"method": "uniform", "models": [str(p) for p in paths]}}
     out, merge_plan = run(recipe, tmp_path, tmp_path / "out.safetensors")
     merged = load_file(out)
-    source = load_file(paths[0])
+    states = [(load_file(p), Fraction(1, 3)) for p in paths]
+    source = states[0][0]
     assert set(merged) == set(source)
     floats = 0
     for key, value in merged.items():
@@ -57,7 +63,7 @@ def test_uniform_merge_matches_fp64_reference(make_model, tmp_path):
             assert value.dtype == source[key].dtype  # schedule buffers stay fp32
             continue
         assert value.dtype == torch.float16
-        assert_within_one_ulp(value, reference([(p, Fraction(1, 3)) for p in paths], key))
+        assert_within_one_ulp(value, reference_from(states, key))
         floats += 1
     assert floats > 1000
 
@@ -171,3 +177,37 @@ def test_progress_and_cancel(make_model, tmp_path):
     assert seen[-1].tensors_done == seen[-1].tensors_total == len(merge_plan.keys)
     assert seen[-1].bytes_read == seen[-1].bytes_total
     assert result.size == (tmp_path / "y.safetensors").stat().st_size
+
+
+def test_device_accumulator_matches_cpu_path(make_model, tmp_path):
+    """The GPU code path, run on the CPU device: same arithmetic, same bytes."""
+    from merge_engine.accumulate import CpuAccumulator, DeviceAccumulator
+
+    paths = [str(make_model(f"m{i}.safetensors", seed=i)) for i in range(3)]
+    recipe = {"merge": {"method": "weighted", "models": [{"model": paths[0], "weight": 2}, paths[1], paths[2]]}}
+    merge_plan = plan(parse_recipe(recipe), FileResolver(tmp_path))
+    chunk = 1 << 12
+    cpu = CpuAccumulator(merge_plan, torch.float32, chunk, True)
+    device = DeviceAccumulator(merge_plan, torch.float32, chunk, True, torch.device("cpu"))
+    compared = 0
+    for key in merge_plan.keys:
+        if key.kind != "float":
+            continue
+        for start in range(0, key.numel, chunk):
+            stop = min(start + chunk, key.numel)
+            assert torch.equal(cpu.sum_chunk(key, start, stop).clone(), device.sum_chunk(key, start, stop))
+            compared += 1
+    merge_plan.close()
+    assert compared > 1000
+
+
+def test_unavailable_device_is_a_clear_error(make_model, tmp_path):
+    from merge_engine.errors import OptionsError
+
+    paths = [str(make_model(f"m{i}.safetensors", seed=i)) for i in range(2)]
+    merge_plan = plan(parse_recipe({"merge": {"method": "uniform", "models": paths}}), FileResolver(tmp_path))
+    bad = "cuda" if not torch.cuda.is_available() else "nonsense"
+    with pytest.raises(OptionsError):
+        merge(merge_plan, tmp_path / "out" / "x.safetensors", options=ExecOptions(device=bad))
+    merge_plan.close()
+    assert not (tmp_path / "out").exists()

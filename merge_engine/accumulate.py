@@ -1,0 +1,122 @@
+"""Summing one chunk of one output tensor: on the CPU, or on an accelerator.
+
+Each worker thread owns one accumulator and its buffers, sized to the chunk, so memory does not
+grow with the number of models or their size.
+
+On the CPU, sources are widened into a reused fp32 (or fp64) scratch buffer and then added:
+same-dtype adds on cache-resident buffers are several times faster than torch's mixed-dtype
+in-place add. On a GPU, sources are read into two pinned host buffers in turn, so reading the
+next source overlaps the copy of the previous one to the device; the sum stays on the device and
+only the rounded result comes back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checkpoint import DTYPES, ITEMSIZE
+from .errors import NonFiniteError
+from .plan import KeyPlan, Plan
+
+
+class CpuAccumulator:
+    def __init__(self, plan: Plan, acc_dtype: torch.dtype, chunk: int, check_finite: bool):
+        self.plan, self.check_finite = plan, check_finite
+        self.staging = torch.empty(chunk * 8, dtype=torch.uint8)
+        self.scratch = torch.empty(chunk, dtype=acc_dtype)
+        self.acc = torch.empty(chunk, dtype=acc_dtype)
+        self.out = torch.empty(chunk * 8, dtype=torch.uint8)
+
+    def read(self, key: KeyPlan, term_index: int, start: int, stop: int, staging: torch.Tensor) -> torch.Tensor:
+        term = key.terms[term_index]
+        return self.plan.inputs[term.input].checkpoint.read_into(term.key, start, stop, staging)
+
+    def sum_chunk(self, key: KeyPlan, start: int, stop: int) -> torch.Tensor:
+        """The rounded weighted sum of elements [start, stop), as bytes ready to write."""
+        n = stop - start
+        acc, scratch = self.acc[:n], self.scratch[:n]
+        for j, term in enumerate(key.terms):
+            src = self.read(key, j, start, stop, self.staging)
+            if j == 0:
+                acc.copy_(src)
+                if term.coefficient != 1.0:
+                    acc.mul_(term.coefficient)
+            elif src.dtype == acc.dtype:
+                acc.add_(src, alpha=term.coefficient)
+            else:
+                scratch.copy_(src)
+                acc.add_(scratch, alpha=term.coefficient)
+        return self.finish(key, start, stop, acc)
+
+    def finish(self, key: KeyPlan, start: int, stop: int, acc: torch.Tensor) -> torch.Tensor:
+        if self.check_finite and not torch.isfinite(acc.sum()):
+            self.blame_non_finite(key, start, stop, acc)
+        result = self.out[: (stop - start) * ITEMSIZE[key.dtype]].view(DTYPES[key.dtype])
+        result.copy_(acc)
+        if self.check_finite and not torch.isfinite(result).all():
+            raise NonFiniteError(f"the merged values overflow {key.dtype}; choose a wider output dtype",
+                                 component=key.component, key=key.key)
+        return result.view(torch.uint8)
+
+    def blame_non_finite(self, key: KeyPlan, start: int, stop: int, acc: torch.Tensor) -> None:
+        """The sum is not finite (or only its reduction overflowed): find the input at fault."""
+        staging = torch.empty((stop - start) * 8, dtype=torch.uint8)
+        for j, term in enumerate(key.terms):
+            if not torch.isfinite(self.read(key, j, start, stop, staging)).all():
+                raise NonFiniteError(
+                    'input tensor holds NaN or Inf (set output.non_finite to "keep" to merge anyway)',
+                    model=self.plan.inputs[term.input].name, component=key.component, key=key.key,
+                )
+        if not torch.isfinite(acc).all():
+            raise NonFiniteError("the weighted sum overflows", component=key.component, key=key.key)
+
+
+class DeviceAccumulator(CpuAccumulator):
+    def __init__(self, plan: Plan, acc_dtype: torch.dtype, chunk: int, check_finite: bool, device: torch.device):
+        super().__init__(plan, acc_dtype, chunk, check_finite)
+        self.device = device
+        cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.pinned = [torch.empty(chunk * 8, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+        self.copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self.on_device = [torch.empty(chunk * 8, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.acc = torch.empty(chunk, dtype=acc_dtype, device=device)
+        self.out = torch.empty(chunk * 8, dtype=torch.uint8, pin_memory=cuda)
+
+    def sum_chunk(self, key: KeyPlan, start: int, stop: int) -> torch.Tensor:
+        if self.stream is None:
+            return self._sum_chunk(key, start, stop)
+        with torch.cuda.stream(self.stream):
+            return self._sum_chunk(key, start, stop)
+
+    def _sum_chunk(self, key: KeyPlan, start: int, stop: int) -> torch.Tensor:
+        n = stop - start
+        acc = self.acc[:n]
+        for j, term in enumerate(key.terms):
+            slot = j % 2
+            if self.copied[slot] is not None:
+                self.copied[slot].synchronize()  # the pinned buffer's last copy has left
+            src = self.read(key, j, start, stop, self.pinned[slot])
+            nbytes = n * src.element_size()
+            host = self.pinned[slot][:nbytes]
+            if src.data_ptr() != host.data_ptr():  # pickled inputs live in their own memory
+                host.view(src.dtype).copy_(src)
+            on_device = self.on_device[slot][:nbytes]
+            on_device.copy_(host, non_blocking=True)
+            if self.copied[slot] is not None:
+                self.copied[slot].record()
+            src = on_device.view(src.dtype)
+            if j == 0:
+                acc.copy_(src)
+                if term.coefficient != 1.0:
+                    acc.mul_(term.coefficient)
+            else:
+                acc.add_(src, alpha=term.coefficient)
+        if self.check_finite and not torch.isfinite(acc.sum()).item():
+            self.blame_non_finite(key, start, stop, acc.cpu())
+        result = self.out[: n * ITEMSIZE[key.dtype]].view(DTYPES[key.dtype])
+        result.copy_(acc.to(DTYPES[key.dtype]))  # round on the device, bring back the narrow result
+        if self.check_finite and not torch.isfinite(result).all():
+            raise NonFiniteError(f"the merged values overflow {key.dtype}; choose a wider output dtype",
+                                 component=key.component, key=key.key)
+        return result.view(torch.uint8)
