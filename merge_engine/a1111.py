@@ -333,11 +333,12 @@ def resolve_overrides(items: list[str]) -> dict[str, str]:
 def apply_resolution(
     conversion: A1111Conversion, overrides: Mapping[str, str], find_by_name: Callable[[str], Path | None]
 ) -> tuple[Recipe, list[LeafWeight]]:
-    """The recipe with leaves replaced by paths where known, and the leaves still unresolved.
+    """The recipe with leaves located where known, and the leaves still unresolved.
 
     A leaf takes an override matching its sha256 prefix, else one matching its name or base name
     (A1111 names hold the sub-folder), else `find_by_name(name)`. An override must match exactly
-    one leaf. Paths are not hashed here: the plan checks them against `leaf.sha256`.
+    one leaf. A located leaf becomes `{"sha256", "name": path}`: paths are not hashed here, the
+    plan checks each file against the sha256.
     """
     leaves = [*conversion.leaves, *([conversion.vae] if conversion.vae else [])]
 
@@ -363,8 +364,10 @@ def apply_resolution(
             paths[(leaf.sha256, leaf.name)] = str(path)
 
     def to_path(leaf: Any) -> Any:
-        if isinstance(leaf, ModelLeaf):
-            return paths.get((leaf.sha256, leaf.name), leaf.model_dump(mode="json"))
-        return leaf
+        if not isinstance(leaf, ModelLeaf) or (leaf.sha256, leaf.name) not in paths:
+            return leaf if not isinstance(leaf, ModelLeaf) else leaf.model_dump(mode="json")
+        path = paths[(leaf.sha256, leaf.name)]
+        # keep the sha256 beside the path, so the plan still checks the file is the one meant
+        return {"sha256": leaf.sha256, "name": path} if leaf.sha256 else path
 
     return rewrite_leaves(conversion.recipe, to_path), unresolved

@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     roots = argparse.ArgumentParser(add_help=False)
     roots.add_argument("--model-root", action="append", default=[], metavar="DIR",
                        help="find models by file name under DIR (repeatable)")
+    roots.add_argument("--resolve", action="append", default=[], metavar="NAME_OR_SHA=PATH",
+                       help="where an A1111 recipe's model is (repeatable)")
 
     p = sub.add_parser("merge", parents=[roots], help="run a recipe into a .safetensors file")
     p.add_argument("recipe", type=Path)
@@ -55,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = sub.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", required=True)
     p = recipe.add_parser("convert", parents=[roots], help="A1111 merge metadata -> native recipe")
     p.add_argument("file", type=Path, help="a JSON dump of the metadata, or a .safetensors file")
-    p.add_argument("--resolve", action="append", default=[], metavar="NAME_OR_SHA=PATH")
     p.add_argument("-o", "--output", type=Path, help="write the recipe here (default: stdout)")
     p.set_defaults(handler=_convert)
     p = recipe.add_parser("schema", help="the recipe's JSON Schema")
@@ -82,28 +83,37 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         return 130
 
 
-def load_recipe(path: Path, model_roots: list[str]) -> tuple[Any, Any]:
+def load_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
     """A native recipe or A1111 metadata (converted on the way in), and its resolver."""
     from .a1111 import apply_resolution, convert_a1111, is_a1111_metadata
     from .recipe import parse_recipe
     from .resolve import FileResolver
 
+    path = args.recipe
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"recipe file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecipeError(f"recipe file {path} is not valid JSON: {exc}") from None
-    resolver = FileResolver(path.parent, model_roots)
+    resolver = FileResolver(path.parent, args.model_root)
     if isinstance(data, dict) and is_a1111_metadata(data):
-        recipe, unresolved = apply_resolution(convert_a1111(data), {}, lambda name: _try_find(resolver, name))
+        recipe, unresolved = apply_resolution(convert_a1111(data), _overrides(args.resolve),
+                                              lambda name: _try_find(resolver, name))
         _fail_unresolved(unresolved)
         return recipe, resolver
     return parse_recipe(data), resolver
 
 
 def _try_find(resolver: Any, name: str) -> Path | None:
-    return resolver.find(name, required=False)
+    path = resolver.find(name, required=False)
+    return path.resolve() if path else None
+
+
+def _overrides(items: list[str]) -> dict[str, str]:
+    from .a1111 import resolve_overrides
+
+    return {key: str(Path(path).resolve()) for key, path in resolve_overrides(items).items()}
 
 
 def _fail_unresolved(unresolved: list[Any]) -> None:
@@ -118,7 +128,7 @@ def _merge(args: argparse.Namespace) -> int:
     from .plan import plan
     from .progress import ProgressBar
 
-    recipe, resolver = load_recipe(args.recipe, args.model_root)
+    recipe, resolver = load_recipe(args)
     merge_plan = plan(recipe, resolver)
     try:
         bar = None if args.quiet else ProgressBar(sys.stderr)
@@ -139,7 +149,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from .plan import plan
 
-    recipe, resolver = load_recipe(args.recipe, args.model_root)
+    recipe, resolver = load_recipe(args)
     merge_plan = plan(recipe, resolver)
     merge_plan.close()
     summary = merge_plan.to_dict()
@@ -199,14 +209,14 @@ def _hash(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .a1111 import apply_resolution, convert_a1111, load_a1111_metadata, resolve_overrides
+    from .a1111 import apply_resolution, convert_a1111, load_a1111_metadata
     from .resolve import FileResolver
 
     conversion = convert_a1111(load_a1111_metadata(args.file))
     recipe = conversion.recipe
     if args.resolve or args.model_root:
         resolver = FileResolver(Path.cwd(), args.model_root)
-        recipe, unresolved = apply_resolution(conversion, resolve_overrides(args.resolve),
+        recipe, unresolved = apply_resolution(conversion, _overrides(args.resolve),
                                               lambda name: _try_find(resolver, name))
         _fail_unresolved(unresolved)
     for warning in conversion.warnings:

@@ -298,8 +298,9 @@ def test_apply_resolution_by_hash_name_and_lookup():
     overrides = resolve_overrides([f"{a[:10]}=/m/a.safetensors", "b.safetensors=/m/b.safetensors"])
     recipe, unresolved = apply_resolution(conversion, overrides, found.get)
     assert unresolved == [LeafWeight(d, "d.safetensors", Fraction(1, 2))]
-    assert all_leaves(recipe) == ["/m/a.safetensors", "/m/b.safetensors", "/found/c.safetensors",
-                                  ModelLeaf(sha256=d, name="d.safetensors")]
+    # located leaves keep their sha256, so the plan can check the file is the one meant
+    assert all_leaves(recipe) == [ModelLeaf(sha256=a, name="/m/a.safetensors"), ModelLeaf(sha256=b, name="/m/b.safetensors"),
+                                  ModelLeaf(sha256=c, name="/found/c.safetensors"), ModelLeaf(sha256=d, name="d.safetensors")]
     assert [i.weight for i in recipe.merge.inputs()] == [0.5, 0.5, -0.5, 0.5]
     with pytest.raises(RecipeError, match="matches no model") as caught:
         apply_resolution(conversion, {"zzz.safetensors": "/x"}, found.get)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from merge_engine.cli import main
 
@@ -116,3 +117,43 @@ def test_recipe_schema(capsys):
 @pytest.mark.parametrize("args", [["merge"], ["frobnicate"]])
 def test_usage_errors_exit_2(args):
     assert sdmerge(*args).returncode == 2
+
+
+def test_merge_runs_a1111_metadata_directly(make_model, tmp_path, capsys):
+    """A WebUI chain ((A+B)/2 then 2/3 of that + 1/3 C) runs as one flat merge of the leaves."""
+    from merge_engine.hashing import hash_file
+
+    paths = {n: make_model(f"{n}.safetensors", seed=i) for i, n in enumerate("abc")}
+    sha = {n: hash_file(p).sha256 for n, p in paths.items()}
+    fake_x = "f" * 64  # the intermediate file A1111 wrote; it no longer needs to exist
+
+    def node(primary, secondary, m, name):
+        return {"type": "webui", "primary_model_hash": primary, "secondary_model_hash": secondary,
+                "tertiary_model_hash": None, "interp_method": "Weighted sum", "multiplier": m,
+                "save_as_half": True, "custom_name": name, "config_source": 0, "bake_in_vae": "None",
+                "discard_weights": "", "is_inpainting": False, "is_instruct_pix2pix": False}
+
+    metadata = {"__metadata__": {
+        "sd_merge_recipe": json.dumps(node(fake_x, sha["c"], 1 / 3, "top")),
+        "sd_merge_models": json.dumps({
+            fake_x: {"name": "x.safetensors", "legacy_hash": "00000000", "sd_merge_recipe": node(sha["a"], sha["b"], 0.5, "x")},
+            sha["a"]: {"name": "a.safetensors", "legacy_hash": "0"}, sha["b"]: {"name": "b.safetensors", "legacy_hash": "0"},
+            sha["c"]: {"name": "c.safetensors", "legacy_hash": "0"},
+        }),
+    }}
+    a1111 = tmp_path / "a1111.json"
+    a1111.write_text(json.dumps(metadata))
+    roots = ["--model-root", str(tmp_path / "models")]
+    assert main(["merge", str(a1111), "-o", str(tmp_path / "from-a1111.safetensors"), "--quiet", *roots]) == 0
+    native = tmp_path / "native.json"
+    native.write_text(json.dumps({"name": "top", "merge": {"method": "weighted", "normalize": False, "models": [
+        {"model": {"sha256": sha[n], "name": f"{n}.safetensors"}, "weight": 1 / 3} for n in "abc"]}}))
+    assert main(["merge", str(native), "-o", str(tmp_path / "native.safetensors"), "--quiet", *roots]) == 0
+    from safetensors.torch import load_file
+
+    x, y = load_file(tmp_path / "from-a1111.safetensors"), load_file(tmp_path / "native.safetensors")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    # a leaf whose file has another sha256 is refused, naming it
+    paths["c"].write_bytes(paths["a"].read_bytes())
+    assert main(["plan", str(a1111), *roots]) == 2
+    assert "c.safetensors" in capsys.readouterr().err
