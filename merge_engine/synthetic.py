@@ -3,9 +3,9 @@ ones for the benchmark.
 
 A tiny model is what the published model would be if built with a small config
 (`TINY_CONFIGS`): every key of the layout is there, and every shape follows from the config
-the way the full-size shape follows from the published one. The UNet and the VAE keep
-GroupNorm-32 (channels are multiples of 32); text encoders keep their 49408 tokens, 77
-positions and layer counts, so the key counts equal the real ones.
+the way the full-size shape follows from the published one. The UNet and the VAE use
+GroupNorm-8 over 8/16/32 channels (a few MB per model, written in milliseconds); text encoders
+keep their 49408 tokens, 77 positions and layer counts, so the key counts equal the real ones.
 """
 
 from __future__ import annotations
@@ -23,40 +23,40 @@ import torch
 from .architecture import POSITION_IDS, UNET, VAE, VARIANTS, TensorSpec, layout
 
 _UNET = {
-    "model_channels": 32, "channel_mult": (1, 2, 4, 4), "block_out_channels": (32, 64, 128, 128),
-    "layers_per_block": 2, "time_embed_dim": 128, "attention_levels": (True, True, True, False),
-    "transformer_layers_per_block": (1, 1, 1, 0), "head_dim": 8, "norm_num_groups": 32,
+    "model_channels": 8, "channel_mult": (1, 2, 4, 4), "block_out_channels": (8, 16, 32, 32),
+    "layers_per_block": 2, "time_embed_dim": 32, "attention_levels": (True, True, True, False),
+    "transformer_layers_per_block": (1, 1, 1, 0), "head_dim": 4, "norm_num_groups": 8,
     "in_channels": 4, "out_channels": 4,
 }
-_VAE = {"block_out_channels": (32, 64, 128, 128), "layers_per_block": 2, "latent_channels": 4,
-        "norm_num_groups": 32, "scaling_factor": 0.18215}
+_VAE = {"block_out_channels": (8, 16, 32, 32), "layers_per_block": 2, "latent_channels": 4,
+        "norm_num_groups": 8, "scaling_factor": 0.18215}
 _TEXT = {"vocab_size": 49408, "max_position_embeddings": 77, "num_attention_heads": 4}
 
 # Small configs whose shapes the tiny checkpoints have exactly (read by the preview loader).
 # `head_dim` does not change any shape; it is the attention split the preview should use.
 TINY_CONFIGS: dict[str, dict[str, dict]] = {
     "sd1": {
-        "unet": {**_UNET, "cross_attention_dim": 32, "use_linear_projection": False},
-        "text_encoder": {**_TEXT, "kind": "clip", "hidden_size": 32, "intermediate_size": 128,
+        "unet": {**_UNET, "cross_attention_dim": 16, "use_linear_projection": False},
+        "text_encoder": {**_TEXT, "kind": "clip", "hidden_size": 16, "intermediate_size": 64,
                          "num_hidden_layers": 12},
         "vae": dict(_VAE),
     },
     "sd2": {
-        "unet": {**_UNET, "cross_attention_dim": 64, "use_linear_projection": True},
-        "text_encoder": {**_TEXT, "kind": "open_clip", "hidden_size": 64, "intermediate_size": 256,
-                         "num_hidden_layers": 24, "projection_dim": 64},
+        "unet": {**_UNET, "cross_attention_dim": 32, "use_linear_projection": True},
+        "text_encoder": {**_TEXT, "kind": "open_clip", "hidden_size": 32, "intermediate_size": 128,
+                         "num_hidden_layers": 24, "projection_dim": 32},
         "vae": dict(_VAE),
     },
     "sdxl": {
-        "unet": {**_UNET, "channel_mult": (1, 2, 4), "block_out_channels": (32, 64, 128),
+        "unet": {**_UNET, "channel_mult": (1, 2, 4), "block_out_channels": (8, 16, 32),
                  "attention_levels": (False, True, True), "transformer_layers_per_block": (0, 2, 10),
-                 "cross_attention_dim": 96, "use_linear_projection": True,
-                 # pooled text (text_encoder_2 projection, 64) + 6 size/crop embeddings of 8
-                 "addition_time_embed_dim": 8, "adm_in_channels": 112},
-        "text_encoder": {**_TEXT, "kind": "clip", "hidden_size": 32, "intermediate_size": 128,
+                 "cross_attention_dim": 48, "use_linear_projection": True,
+                 # pooled text (text_encoder_2 projection, 32) + 6 size/crop embeddings of 8
+                 "addition_time_embed_dim": 8, "adm_in_channels": 80},
+        "text_encoder": {**_TEXT, "kind": "clip", "hidden_size": 16, "intermediate_size": 64,
                          "num_hidden_layers": 12},
-        "text_encoder_2": {**_TEXT, "kind": "open_clip", "hidden_size": 64, "intermediate_size": 256,
-                           "num_hidden_layers": 32, "projection_dim": 64},
+        "text_encoder_2": {**_TEXT, "kind": "open_clip", "hidden_size": 32, "intermediate_size": 128,
+                           "num_hidden_layers": 32, "projection_dim": 32},
         "vae": {**_VAE, "scaling_factor": 0.13025},
     },
 }
