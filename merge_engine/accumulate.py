@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoint import DTYPES, ITEMSIZE
+from .checkpoint import ITEMSIZE, torch_dtype
 from .errors import NonFiniteError
 from .plan import KeyPlan, Plan
 
@@ -49,25 +49,35 @@ class CpuAccumulator:
         return self.finish(key, start, stop, acc)
 
     def finish(self, key: KeyPlan, start: int, stop: int, acc: torch.Tensor) -> torch.Tensor:
-        if self.check_finite and not torch.isfinite(acc.sum()):
-            self.blame_non_finite(key, start, stop, acc)
-        result = self.out[: (stop - start) * ITEMSIZE[key.dtype]].view(DTYPES[key.dtype])
+        result = self.out[: (stop - start) * ITEMSIZE[key.dtype]].view(torch_dtype(key.dtype))
         result.copy_(acc)
-        if self.check_finite and not torch.isfinite(result).all():
+        if self.check_finite:
+            self.check_range(key, start, stop, acc, result)
+        return result.view(torch.uint8)
+
+    def check_range(self, key: KeyPlan, start: int, stop: int, acc: torch.Tensor, result: torch.Tensor) -> None:
+        # One pass over the sum: NaN fails both comparisons, Inf and overflow fail one.
+        if acc.numel() == 0:
+            return
+        limit = torch.finfo(result.dtype).max
+        low, high = torch.aminmax(acc)
+        if bool(low >= -limit) and bool(high <= limit):
+            return
+        self.blame_non_finite(key, start, stop, acc.cpu())
+        if not bool(torch.isfinite(result).all()):  # the rounding itself overflowed
             raise NonFiniteError(f"the merged values overflow {key.dtype}; choose a wider output dtype",
                                  component=key.component, key=key.key)
-        return result.view(torch.uint8)
 
     def blame_non_finite(self, key: KeyPlan, start: int, stop: int, acc: torch.Tensor) -> None:
         """The sum is not finite (or only its reduction overflowed): find the input at fault."""
         staging = torch.empty((stop - start) * 8, dtype=torch.uint8)
         for j, term in enumerate(key.terms):
-            if not torch.isfinite(self.read(key, j, start, stop, staging)).all():
+            if not bool(torch.isfinite(self.read(key, j, start, stop, staging)).all()):
                 raise NonFiniteError(
                     'input tensor holds NaN or Inf (set output.non_finite to "keep" to merge anyway)',
                     model=self.plan.inputs[term.input].name, component=key.component, key=key.key,
                 )
-        if not torch.isfinite(acc).all():
+        if not bool(torch.isfinite(acc).all()):
             raise NonFiniteError("the weighted sum overflows", component=key.component, key=key.key)
 
 
@@ -112,11 +122,8 @@ class DeviceAccumulator(CpuAccumulator):
                     acc.mul_(term.coefficient)
             else:
                 acc.add_(src, alpha=term.coefficient)
-        if self.check_finite and not torch.isfinite(acc.sum()).item():
-            self.blame_non_finite(key, start, stop, acc.cpu())
-        result = self.out[: n * ITEMSIZE[key.dtype]].view(DTYPES[key.dtype])
-        result.copy_(acc.to(DTYPES[key.dtype]))  # round on the device, bring back the narrow result
-        if self.check_finite and not torch.isfinite(result).all():
-            raise NonFiniteError(f"the merged values overflow {key.dtype}; choose a wider output dtype",
-                                 component=key.component, key=key.key)
+        result = self.out[: n * ITEMSIZE[key.dtype]].view(torch_dtype(key.dtype))
+        result.copy_(acc.to(torch_dtype(key.dtype)))  # round on the device, bring back the narrow result
+        if self.check_finite:
+            self.check_range(key, start, stop, acc, result)
         return result.view(torch.uint8)

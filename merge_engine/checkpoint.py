@@ -9,35 +9,42 @@ never executed.
 
 from __future__ import annotations
 
+import functools
 import json
+import mmap
 import os
 import struct
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:  # planning reads headers only and must not pay for importing torch
+    import torch
+
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
 MAX_HEADER_BYTES = 100 << 20
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool,
+    }
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return torch_dtypes()[name]
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,12 @@ class TensorInfo:
 
 
 class Checkpoint:
-    """One open checkpoint file. `tensors` is known up front; bytes are read on demand."""
+    """One open checkpoint file. `tensors` is known up front; bytes are read on demand.
+
+    Safetensors data is read through a read-only mapping of the file, so a chunk is widened
+    straight out of the page cache without a copy. Mapped pages count towards the process's
+    RSS, so the executor calls `release()` every so often to unmap what it has read.
+    """
 
     def __init__(self, path: Path, name: str, fmt: str, tensors: dict[str, TensorInfo],
                  metadata: dict[str, str], header_size: int, loaded: dict[str, torch.Tensor] | None):
@@ -79,16 +91,21 @@ class Checkpoint:
         self.header_size = header_size  # 8 + JSON length for safetensors, 0 for pickles
         self._loaded = loaded
         self._fd = os.open(path, os.O_RDONLY) if loaded is None else None
+        self._map: mmap.mmap | None = None
+        self._bytes: torch.Tensor | None = None
+        self._lock = threading.Lock()
 
     def read_into(self, key: str, start: int, stop: int, staging: torch.Tensor) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor, as a typed view of `staging` (uint8)."""
+        """Elements [start, stop) of the flattened tensor: a view of the mapped file, or of
+        `staging` (uint8) where the tensor's bytes are not aligned for a typed view."""
         info = self.tensors[key]
         if self._loaded is not None:
             return self._loaded[key].reshape(-1)[start:stop]
         size = ITEMSIZE[info.dtype]
-        nbytes = (stop - start) * size
+        offset, nbytes = info.start + start * size, (stop - start) * size
+        if offset % size == 0 and nbytes:
+            return self._mapped()[offset:offset + nbytes].view(torch_dtype(info.dtype))
         view = memoryview(staging.numpy())[:nbytes]
-        offset = info.start + start * size
         done = 0
         while done < nbytes:
             got = os.preadv(self._fd, [view[done:]], offset + done)
@@ -96,17 +113,42 @@ class Checkpoint:
                 raise CheckpointError("file ended early (truncated or changed while reading)",
                                       model=self.name, key=key)
             done += got
-        return staging[:nbytes].view(DTYPES[info.dtype])
+        return staging[:nbytes].view(torch_dtype(info.dtype))
+
+    def release(self) -> None:
+        """Unmap every page read so far; later reads map them again from the page cache."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED, 0, self.size)
+
+    def _mapped(self) -> torch.Tensor:
+        with self._lock:
+            if self._bytes is None:
+                import torch
+
+                self._map = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+                with warnings.catch_warnings():  # read-only on purpose: nothing writes through it
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+            return self._bytes
 
     def read_tensor(self, key: str) -> torch.Tensor:
         """A whole tensor, copied into memory (for small tensors and inspection)."""
         info = self.tensors[key]
         if self._loaded is not None:
             return self._loaded[key].clone()
+        import torch
+
         staging = torch.empty(max(info.nbytes, 1), dtype=torch.uint8)
         return self.read_into(key, 0, info.numel, staging).clone().reshape(info.shape)
 
     def close(self) -> None:
+        self._bytes = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive somewhere; the mapping goes with it
+                pass
+            self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -185,7 +227,7 @@ def _tensor_entry(entry: Any, key: str, name: str, data_start: int, size: int) -
     if not isinstance(entry, dict):
         raise CheckpointError("header entry is not an object", model=name, key=key)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if dtype not in ITEMSIZE:
         raise CheckpointError(f"unsupported dtype {dtype!r}", model=name, key=key)
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise CheckpointError(f"bad shape {shape!r}", model=name, key=key)
@@ -211,6 +253,8 @@ def _tensor_entry(entry: Any, key: str, name: str, data_start: int, size: int) -
 
 
 def _open_pickle(path: Path, name: str) -> Checkpoint:
+    import torch
+
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -236,9 +280,10 @@ def _open_pickle(path: Path, name: str) -> Checkpoint:
     loaded = {k: v.contiguous() for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not loaded:
         raise CheckpointError("pickle holds no tensors", model=name)
+    names = {dtype: name for name, dtype in torch_dtypes().items()}
     tensors = {}
     for key, tensor in loaded.items():
-        if tensor.dtype not in DTYPE_NAMES:
+        if tensor.dtype not in names:
             raise CheckpointError(f"unsupported dtype {tensor.dtype}", model=name, key=key)
-        tensors[key] = TensorInfo(DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
+        tensors[key] = TensorInfo(names[tensor.dtype], tuple(tensor.shape))
     return Checkpoint(path, name, "pickle", tensors, {}, 0, loaded)

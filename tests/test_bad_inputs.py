@@ -202,3 +202,14 @@ def test_non_checkpoint_file(make_model, tmp_path):
     make_model("a.safetensors")
     (tmp_path / "models" / "notes.txt").write_text("hello")
     fails(uniform("a.safetensors", "notes.txt"), tmp_path, CheckpointError, "not a checkpoint")
+
+
+def test_fp16_overflow_of_the_sum_is_named(make_model, tmp_path):
+    a, b = tiny_state_dict("sd2", seed=1, dtype=torch.float32), tiny_state_dict("sd2", seed=2, dtype=torch.float32)
+    key = "model.diffusion_model.out.2.bias"
+    a[key][0] = b[key][0] = 60000.0  # finite in every input and in fp16, but their sum is not
+    make_model("a.safetensors", state=a)
+    make_model("b.safetensors", state=b)
+    recipe = {"merge": {"method": "weighted", "normalize": False, "models": ["a.safetensors", "b.safetensors"]}}
+    err = fails(recipe, tmp_path, NonFiniteError, "overflow")
+    assert (err.component, err.key) == ("unet", key)
