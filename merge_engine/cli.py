@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="worker threads (default: cores, max 4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--hash", action="store_true", help="also print the output's sha256 (computed while writing)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(handler=_merge)
 
@@ -133,7 +134,7 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         bar = None if args.quiet else ProgressBar(sys.stderr)
         result = merge(merge_plan, args.output, options=ExecOptions(threads=args.threads, device=args.device),
-                       progress=bar, overwrite=args.overwrite)
+                       progress=bar, overwrite=args.overwrite, compute_sha256=args.hash)
         if bar:
             bar.close()
     finally:
@@ -143,6 +144,8 @@ def _merge(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {result.path} ({result.size / 1e9:.2f} GB, {len(merge_plan.keys)} tensors, "
               f"{result.seconds:.1f} s)")
+    if result.sha256:
+        print(f"sha256 {result.sha256} (shorthash {result.sha256[:10]})")
     return 0
 
 

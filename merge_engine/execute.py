@@ -102,14 +102,15 @@ def merge(
     started = time.perf_counter()
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        hasher = _OutputHasher(partial, len(plan.header), plan.output_size) if compute_sha256 else None
         try:
             os.ftruncate(fd, plan.output_size)
             os.pwrite(fd, plan.header, 0)
-            _Run(plan, fd, options, progress, should_cancel).run()
+            _Run(plan, fd, options, progress, should_cancel, hasher).run()
             os.fsync(fd)
         finally:
             os.close(fd)
-        digest = _sha256(partial) if compute_sha256 else None
+            digest = hasher.finish() if hasher else None
         os.replace(partial, output)
         _fsync_dir(output.parent)
     except BaseException:
@@ -127,14 +128,17 @@ class _Run:
     """One execution: a queue of (key, chunk) items shared by a few threads."""
 
     def __init__(self, plan: Plan, fd: int, options: ExecOptions,
-                 progress: Callable[[Progress], None] | None, should_cancel: Callable[[], bool] | None):
-        self.plan, self.fd, self.options = plan, fd, options
+                 progress: Callable[[Progress], None] | None, should_cancel: Callable[[], bool] | None,
+                 hasher: _OutputHasher | None = None):
+        self.plan, self.fd, self.options, self.hasher = plan, fd, options, hasher
         self.report, self.should_cancel = progress, should_cancel
         self.data_start = len(plan.header)
         self.acc_dtype = torch.float64 if plan.recipe.output.accumulate == "fp64" else torch.float32
         self.check_finite = plan.recipe.output.non_finite == "error"
         self.device = options.torch_device()
-        self.items = self._items()
+        self.items = enumerate(self._items())
+        self.finished: dict[int, int] = {}  # item index -> its end in the file, done out of order
+        self.next_unfinished = 0
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -191,7 +195,7 @@ class _Run:
             accumulator = self._accumulator()
             while not self.stop.is_set():
                 with self.lock:
-                    item = next(self.items, None)
+                    index, item = next(self.items, (None, None))
                 if item is None:
                     return
                 key, start, stop, last = item
@@ -203,6 +207,7 @@ class _Run:
                         for t in key.terms
                     )
                     self.tensors_done += last
+                    self._finished(index, self.data_start + key.offset + stop * ITEMSIZE[key.dtype])
                     sweep = self.bytes_read - self.swept >= SWEEP_BYTES
                     if sweep:
                         self.swept = self.bytes_read
@@ -214,6 +219,16 @@ class _Run:
             with self.lock:
                 self.error = self.error or exc
             self.stop.set()
+
+    def _finished(self, index: int, end: int) -> None:
+        """Items finish nearly in order; the output is complete up to the first unfinished one."""
+        self.finished[index] = end
+        complete = None
+        while self.next_unfinished in self.finished:
+            complete = self.finished.pop(self.next_unfinished)
+            self.next_unfinished += 1
+        if complete is not None and self.hasher is not None:
+            self.hasher.advance(complete)
 
     def _accumulator(self) -> CpuAccumulator:
         args = (self.plan, self.acc_dtype, self.options.chunk_elements, self.check_finite)
@@ -265,9 +280,44 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+class _OutputHasher:
+    """sha256 of the output, computed while it is written: a thread follows the complete prefix
+    of the file, reading it back from the page cache, so no second pass is needed at the end."""
+
+    def __init__(self, path: Path, ready: int, size: int):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = size
+        self.ready = ready  # the header is written first
+        self.hashed = 0
+        self.digest = hashlib.sha256()
+        self.changed = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+
+    def advance(self, complete: int) -> None:
+        with self.changed:
+            self.ready = max(self.ready, complete)
+            self.changed.notify()
+
+    def finish(self) -> str | None:
+        """The digest once the whole file is hashed; None if the merge stopped early."""
+        with self.changed:
+            self.stopped = True
+            self.changed.notify()
+        self.thread.join()
+        os.close(self.fd)
+        return self.digest.hexdigest() if self.hashed == self.size else None
+
+    def _follow(self) -> None:
+        while True:
+            with self.changed:
+                while self.ready - self.hashed < HASH_BLOCK and self.ready < self.size and not self.stopped:
+                    self.changed.wait()
+                ready, stopped = self.ready, self.stopped
+            while self.hashed < ready:
+                block = os.pread(self.fd, min(HASH_BLOCK, ready - self.hashed), self.hashed)
+                self.digest.update(block)
+                self.hashed += len(block)
+            if stopped or self.hashed >= self.size:
+                return

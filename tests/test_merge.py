@@ -211,3 +211,15 @@ def test_unavailable_device_is_a_clear_error(make_model, tmp_path):
         merge(merge_plan, tmp_path / "out" / "x.safetensors", options=ExecOptions(device=bad))
     merge_plan.close()
     assert not (tmp_path / "out").exists()
+
+
+def test_sha256_computed_while_writing_matches_the_file(make_model, tmp_path):
+    import hashlib
+
+    paths = [str(make_model(f"m{i}.safetensors", seed=i)) for i in range(3)]
+    merge_plan = plan(parse_recipe({"merge": {"method": "uniform", "models": paths}}), FileResolver(tmp_path))
+    for chunk in (1 << 10, 1 << 18):  # many small items finishing out of order, and few large ones
+        out = tmp_path / f"out-{chunk}.safetensors"
+        result = merge(merge_plan, out, options=ExecOptions(threads=3, chunk_elements=chunk), compute_sha256=True)
+        assert result.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
+    merge_plan.close()
