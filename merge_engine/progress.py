@@ -18,12 +18,14 @@ class ProgressBar:
         self.interval = interval if self.tty else 5.0
         self.last = 0.0
         self.drawn = False
+        self.ended = False
 
     def __call__(self, p: Progress) -> None:
         now = time.monotonic()
-        if now - self.last < self.interval and p.tensors_done < p.tensors_total:
+        done = p.tensors_done >= p.tensors_total
+        if (now - self.last < self.interval and not done) or (done and self.ended):
             return
-        self.last = now
+        self.last, self.ended = now, done
         frac = p.bytes_read / p.bytes_total if p.bytes_total else 1.0
         filled = int(frac * self.width)
         rate = p.bytes_read / p.elapsed / 1e9 if p.elapsed > 0 else 0.0
