@@ -92,3 +92,9 @@ class OptionsError(SdmergeError):
     """An execution option (device, threads) cannot be honoured here."""
 
     code = "invalid_options"
+
+
+class StorageError(SdmergeError):
+    """The output cannot be written: no space left, or the folder is not writable."""
+
+    code = "insufficient_storage"

@@ -13,6 +13,7 @@ leaves a file that looks complete, and nothing is left behind.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import gc
 import hashlib
@@ -27,7 +28,7 @@ import torch
 
 from .accumulate import CpuAccumulator, DeviceAccumulator
 from .checkpoint import ITEMSIZE
-from .errors import LayoutMismatchError, MergeCancelled, OptionsError, RecipeError
+from .errors import LayoutMismatchError, MergeCancelled, OptionsError, RecipeError, StorageError
 from .plan import KeyPlan, Plan
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: stays in cache between the widen and the add
@@ -104,7 +105,7 @@ def merge(
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         hasher = _OutputHasher(partial, len(plan.header), plan.output_size) if compute_sha256 else None
         try:
-            os.ftruncate(fd, plan.output_size)
+            _reserve(fd, plan.output_size, output)
             os.pwrite(fd, plan.header, 0)
             _Run(plan, fd, options, progress, should_cancel, hasher).run()
             os.fsync(fd)
@@ -246,6 +247,19 @@ class _Run:
                     model=self.plan.inputs[term.input].name, component=key.component, key=key.key,
                 )
         return first.reshape(-1).contiguous().view(torch.uint8)
+
+
+def _reserve(fd: int, size: int, output: Path) -> None:
+    """Claim the output's disk space up front: a full disk is a clear error now, not halfway."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"not enough disk space for the output ({size / 1e9:.2f} GB) in {output.parent}",
+                               model=output.name) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)  # a file system without fallocate
 
 
 @functools.cache

@@ -213,3 +213,25 @@ def test_fp16_overflow_of_the_sum_is_named(make_model, tmp_path):
     recipe = {"merge": {"method": "weighted", "normalize": False, "models": ["a.safetensors", "b.safetensors"]}}
     err = fails(recipe, tmp_path, NonFiniteError, "overflow")
     assert (err.component, err.key) == ("unet", key)
+
+
+def test_output_larger_than_the_disk_is_a_clear_error(make_model, tmp_path):
+    """A 1 MiB tmpfs stands in for a full disk: the error comes before any tensor is merged."""
+    import subprocess
+
+    from merge_engine.errors import StorageError
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        make_model("a.safetensors", seed=1)
+        make_model("b.safetensors", seed=2)
+        merge_plan = plan(parse_recipe(uniform("a.safetensors", "b.safetensors")), FileResolver(tmp_path / "models"))
+        with pytest.raises(StorageError, match="not enough disk space"):
+            merge(merge_plan, small / "out.safetensors")
+        merge_plan.close()
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
