@@ -96,13 +96,18 @@ def merge(
         raise RecipeError("the recipe references its own output file", model=output.name)
     if output.exists() and not overwrite:
         raise RecipeError(f"output {output} already exists (use overwrite)")
-    created = _make_parents(output.parent)
     tmp_parent = Path(tmp_dir) if tmp_dir else output.parent
-    tmp_parent.mkdir(parents=True, exist_ok=True)
     partial = tmp_parent / f".{output.name}.{os.getpid()}.{threading.get_ident()}.partial"
+    created: list[Path] = []
     started = time.perf_counter()
     try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            created = _make_parents(output.parent)
+            tmp_parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot write the output in {exc.filename or output.parent}: {exc.strerror}",
+                               model=output.name) from None
         hasher = _OutputHasher(partial, len(plan.header), plan.output_size) if compute_sha256 else None
         try:
             _reserve(fd, plan.output_size, output)
