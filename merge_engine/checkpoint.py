@@ -205,8 +205,16 @@ def read_safetensors_header(path: Path, name: str) -> tuple[dict[str, Any], int]
 
 
 def _open_safetensors(path: Path, name: str) -> Checkpoint:
+    stat = path.stat()
+    tensors, metadata, data_start = _parse_safetensors(path, name, stat.st_size, stat.st_mtime_ns)
+    return Checkpoint(path, name, "safetensors", tensors, metadata, data_start, None)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_safetensors(path: Path, name: str, size: int, mtime_ns: int) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parsed and checked once per file version: the service plans the same files again and again.
+    The returned mappings are shared; nothing may modify them."""
     header, data_start = read_safetensors_header(path, name)
-    size = path.stat().st_size
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
@@ -220,7 +228,7 @@ def _open_safetensors(path: Path, name: str) -> Checkpoint:
         if start < prev_end:
             raise CheckpointError(f"tensor data overlaps that of {prev_key!r}: the header lies",
                                   model=name, key=key)
-    return Checkpoint(path, name, "safetensors", tensors, metadata, data_start, None)
+    return tensors, metadata, data_start
 
 
 def _tensor_entry(entry: Any, key: str, name: str, data_start: int, size: int) -> TensorInfo:

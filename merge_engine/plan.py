@@ -264,6 +264,7 @@ def _component_keys(recipe: Recipe, architecture: str | None, component: str,
                     model=holder.name, component=component, key=sorted(missing)[0],
                 )
     out_dtype = OUTPUT_DTYPES[recipe.output.dtype]
+    weight = {i: float(c) for i, c in terms}  # Fraction -> float once, not once per key
     plans = []
     for key in sorted(ref_keys | {k for i, _ in terms for k in inputs[i].info.components[component]}):
         present = [(i, c) for i, c in terms if key in inputs[i].info.components[component]]
@@ -283,7 +284,7 @@ def _component_keys(recipe: Recipe, architecture: str | None, component: str,
                 )
         if first.is_float:
             dtype = native_dtype(architecture, key) or out_dtype
-            terms_out = tuple(Term(i, fk, float(c)) for i, c, fk in infos)
+            terms_out = tuple(Term(i, fk, weight[i]) for i, _, fk in infos)
             plans.append(KeyPlan(key, component, dtype, first.shape, "float", terms_out))
         else:  # integers are copied, never averaged; every source must agree
             plans.append(KeyPlan(key, component, first.dtype, first.shape, "integer",

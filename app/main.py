@@ -1,0 +1,40 @@
+"""The FastAPI application factory. Importing this module creates nothing and imports no torch."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from app.auth import BearerTokenMiddleware
+from app.errors import install_error_handlers
+from app.routes import artifacts, merges, models, system
+from app.runtime import make_runtime
+from app.settings import Settings, get_settings
+from merge_engine import __version__
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    runtime = make_runtime(settings or get_settings())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        runtime.close()
+
+    app = FastAPI(title="sdmerge", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
+                  description="Streaming N-way Stable Diffusion checkpoint merges: registry, jobs, artifacts.")
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.add_middleware(BearerTokenMiddleware, token=runtime.settings.api_token)
+    for module in (system, models, merges, artifacts):
+        app.include_router(module.router)
+    app.mount(system.DOCS_ASSETS, StaticFiles(directory=_swagger_ui_dir()), name="docs-assets")
+    return app
+
+
+def _swagger_ui_dir() -> str:
+    import swagger_ui_bundle
+
+    return swagger_ui_bundle.swagger_ui_path

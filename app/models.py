@@ -1,0 +1,91 @@
+"""SQL rows: registered checkpoints, merge jobs and their artifacts. The job row is the truth.
+
+Times are naive UTC so SQLite and Postgres compare them the same way (lease expiry, reaper).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+MODEL_STATUSES = ("hashing", "ready", "failed")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+# A job in one of these states owns its recipe hash: a resubmission returns it instead.
+LIVE_JOB_STATUSES = ("queued", "running", "succeeded")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime()}
+
+
+class Model(Base):
+    """A checkpoint file in the registry; hashes and header facts are filled in by the worker."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    path: Mapped[str] = mapped_column(String(4096), unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="hashing")
+    error: Mapped[str | None] = mapped_column(Text)
+    architecture: Mapped[str | None] = mapped_column(String(32), index=True)
+    components: Mapped[dict[str, Any] | None]
+    header_metadata: Mapped[dict[str, Any] | None]
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    autov3: Mapped[str | None] = mapped_column(String(64))
+    legacy_hash: Mapped[str | None] = mapped_column(String(8))
+    dispatched_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Artifact(Base):
+    """An output file, stored once under its sha256 whichever jobs produced it."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    filename: Mapped[str] = mapped_column(String(255))
+    header_metadata: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    """One execution of a canonical recipe (leaves named by sha256), leased by one worker at a time."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    recipe: Mapped[dict[str, Any]]
+    recipe_hash: Mapped[str] = mapped_column(String(64), index=True)
+    # Equal to recipe_hash while the job is live; NULL after failure or cancel. Its unique
+    # constraint is what makes concurrent identical submissions collapse into one job.
+    live_recipe_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    architecture: Mapped[str | None] = mapped_column(String(32))
+    output_size: Mapped[int | None] = mapped_column(BigInteger)
+    progress: Mapped[dict[str, Any] | None]
+    error: Mapped[dict[str, Any] | None]
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
+    artifact: Mapped[Artifact | None] = relationship(lazy="joined")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    dispatched_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -1,0 +1,49 @@
+"""Merge routes: submit (native recipe or A1111 metadata), dry-run plan, list, get, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Response
+
+from app.deps import DbDep, next_cursor, parse_cursor
+from app.schemas import JobOut, Page
+from app.services import merges
+
+router = APIRouter(prefix="/merges", tags=["merges"])
+
+RecipeBody = Annotated[dict[str, Any], Body(
+    description="a native recipe (see the engine's recipe schema) with models named by registry "
+                "id, name or `sha256:<hex>`; or A1111 merge metadata (`{\"__metadata__\": {...}}`), "
+                "optionally with `\"resolve\": {\"<leaf name or sha256 prefix>\": \"<model ref>\"}`",
+)]
+
+
+@router.post("", response_model=JobOut, status_code=202,
+             responses={200: {"model": JobOut, "description": "the same recipe's live or finished job"}})
+async def submit_merge(body: RecipeBody, db: DbDep, response: Response):
+    job, created = await db.run(merges.submit, body)
+    response.status_code = 202 if created else 200
+    return job
+
+
+@router.post("/plan")
+async def plan_merge(body: RecipeBody, db: DbDep) -> dict[str, Any]:
+    return await db.run(merges.dry_run, body)
+
+
+@router.get("", response_model=Page[JobOut])
+async def list_merges(db: DbDep, status: str | None = None, cursor: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=500)] = 50):
+    items = await db.run(merges.list_jobs, status=status, before=parse_cursor(cursor), limit=limit)
+    return {"items": items, "next": next_cursor(items, limit)}
+
+
+@router.get("/{job_id}", response_model=JobOut)
+async def get_merge(job_id: int, db: DbDep):
+    return await db.run(merges.get_job, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, status_code=202)
+async def cancel_merge(job_id: int, db: DbDep):
+    return await db.run(merges.cancel, job_id)

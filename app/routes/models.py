@@ -1,0 +1,54 @@
+"""Registry routes: register, scan, upload, list, get, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from app.deps import DbDep, SettingsDep, next_cursor, parse_cursor
+from app.schemas import ModelOut, Page, RegisterModel, ScanOut
+from app.services import registry
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.post("", response_model=ModelOut, status_code=201,
+             responses={200: {"model": ModelOut, "description": "the path was already registered"}})
+async def register_model(body: RegisterModel, db: DbDep, settings: SettingsDep, response: Response):
+    model, created = await db.run(registry.register, settings, body.path, body.name)
+    response.status_code = 201 if created else 200
+    return model
+
+
+@router.post("/scan", response_model=ScanOut)
+async def scan_models(db: DbDep, settings: SettingsDep):
+    return await db.run(registry.scan, settings)
+
+
+@router.put("/upload/{filename}", response_model=ModelOut, status_code=201,
+            openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
+async def upload_model(filename: str, request: Request, db: DbDep, settings: SettingsDep):
+    length = request.headers.get("content-length")
+    received = await registry.receive_upload(settings, filename, int(length) if length else None,
+                                             request.stream())
+    return await db.run(registry.register_upload, settings, received)
+
+
+@router.get("", response_model=Page[ModelOut])
+async def list_models(db: DbDep, architecture: str | None = None, name: str | None = None,
+                      status: str | None = None, cursor: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=500)] = 100):
+    items = await db.run(registry.list_models, architecture=architecture, name=name, status=status,
+                         after=parse_cursor(cursor), limit=limit)
+    return {"items": items, "next": next_cursor(items, limit)}
+
+
+@router.get("/{model_id}", response_model=ModelOut)
+async def get_model(model_id: int, db: DbDep):
+    return await db.run(registry.get_model, model_id)
+
+
+@router.delete("/{model_id}", status_code=204)
+async def delete_model(model_id: int, db: DbDep, settings: SettingsDep):
+    await db.run(registry.delete_model, settings, model_id)

@@ -1,0 +1,99 @@
+"""`sdmerge serve`: migrate, then run the API, plus its worker as a child in the embedded mode."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import logging
+import signal
+import subprocess
+import sys
+import threading
+
+from app.errors import BadRequest
+from app.settings import Settings
+
+log = logging.getLogger("sdmerge.serve")
+CHILD_STOP_SECONDS = 10
+
+
+def check_bind(host: str, settings: Settings) -> None:
+    """Without a token the API is open to whoever can reach it: only loopback may reach it."""
+    if settings.api_token:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise BadRequest(f"refusing to listen on {host} without SDMERGE_API_TOKEN; "
+                         "set a token or bind 127.0.0.1")
+
+
+def serve(settings: Settings, host: str, port: int, *, scan: bool = False, access_log: bool = False,
+          api_workers: int = 1) -> None:
+    import uvicorn
+
+    from app.main import create_app
+    from app.migrate import upgrade
+
+    check_bind(host, settings)
+    app = create_app(settings)
+    runtime = app.state.runtime
+    upgrade(runtime.engine)
+    if scan:
+        from app.services import registry
+
+        with runtime.sessions() as session:
+            found = registry.scan(session, settings)
+            session.commit()
+        log.info("scan registered %d models, skipped %d", len(found["registered"]), len(found["skipped"]))
+    child = ChildWorker() if settings.embedded else None
+    mode = "embedded (SQLite or given database, filesystem broker, child worker)" if child else "API only"
+    print(f"sdmerge: serving on http://{host}:{port} (docs at /docs), data dir {settings.data_dir}, {mode}",
+          flush=True)
+    try:
+        if api_workers > 1:  # each process builds its own app from the same environment
+            uvicorn.run("app.main:create_app", factory=True, workers=api_workers, host=host, port=port,
+                        log_level="info", access_log=access_log)
+        else:
+            uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
+    finally:
+        if child:
+            child.stop()
+
+
+class ChildWorker:
+    """The embedded worker: restarted if it dies, stopped with the server, and killed by the
+    kernel if the server itself is killed (so no orphan keeps merging)."""
+
+    def __init__(self) -> None:
+        self._stopping = threading.Event()
+        self._process = self._start()
+        threading.Thread(target=self._watch, name="child-worker", daemon=True).start()
+
+    @staticmethod
+    def _start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], preexec_fn=_die_with_parent)
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            code = self._process.wait()
+            if self._stopping.is_set():
+                return
+            log.error("embedded worker exited with %s; restarting it", code)
+            self._process = self._start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            self._process.wait(CHILD_STOP_SECONDS)
+        except subprocess.TimeoutExpired:  # a merge in progress; its job is re-run at next start
+            self._process.kill()
+            self._process.wait()
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

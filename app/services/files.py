@@ -1,0 +1,94 @@
+"""Where files may come from and go to: model roots, the upload folder, the artifact store."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from app.errors import BadRequest, PathNotAllowed
+from app.settings import Settings
+from merge_engine.checkpoint import open_checkpoint
+from merge_engine.errors import CheckpointError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._\- ]{1,255}")
+# A safetensors file begins with its header length and then `{`; torch pickles are zip files.
+ZIP_MAGIC = b"PK\x03\x04"
+UPLOAD_PARTIAL_GRACE_SECONDS = 600
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not NAME_PATTERN.fullmatch(name) or name.strip(" .") == "":
+        raise BadRequest(f"{what} may hold only letters, digits, '.', '-', '_' and spaces",
+                         details={what: name})
+    return name
+
+
+def confine(settings: Settings, path: str) -> Path:
+    """The real path of `path` (relative to a model root, or absolute) if it lies inside a root."""
+    roots = settings.allowed_roots
+    candidates = [Path(path)] if os.path.isabs(path) else [root / path for root in roots]
+    for candidate in candidates:
+        real = candidate.resolve()
+        if any(real.is_relative_to(root) for root in roots):
+            if real.is_file():
+                return real
+            continue
+        raise PathNotAllowed("path is outside the model roots (after following symlinks)",
+                             details={"path": path, "roots": [str(r) for r in roots]})
+    raise PathNotAllowed("no such file under the model roots",
+                         details={"path": path, "roots": [str(r) for r in roots]})
+
+
+def check_checkpoint_header(path: Path, name: str) -> None:
+    """Refuse files that are not checkpoints, reading the header only; hashing and full
+    inspection happen in the worker, which marks the model failed if the rest is broken."""
+    suffix = path.suffix.lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise CheckpointError(f"not a checkpoint: expected one of {', '.join(CHECKPOINT_SUFFIXES)}",
+                              model=name)
+    if suffix == ".safetensors":
+        open_checkpoint(path, name=name).close()
+        return
+    with open(path, "rb") as f:
+        if f.read(4) != ZIP_MAGIC:
+            raise CheckpointError("not a torch checkpoint (no zip archive header)", model=name)
+
+
+def artifact_path(settings: Settings, sha256: str) -> Path:
+    return settings.artifact_dir / sha256[:2] / f"{sha256}.safetensors"
+
+
+def job_output_path(settings: Settings, job_id: int, owner: str) -> Path:
+    """Where one attempt writes before the artifact is stored by its hash: unique per lease."""
+    return settings.tmp_dir / f"job-{job_id}-{owner}.safetensors.partial"
+
+
+def clean_partials(settings: Settings, live_leases: set[tuple[int, str]]) -> list[Path]:
+    """Remove leftovers of crashed attempts and uploads; keep those of leases still running."""
+    removed = []
+    now = time.time()
+    for entry in settings.tmp_dir.glob("*.partial"):
+        match = re.search(r"job-(\d+)-([0-9a-f]+)\.", entry.name)
+        if match and (int(match[1]), match[2]) in live_leases:
+            continue
+        try:
+            if not match and now - _last_write(entry) < UPLOAD_PARTIAL_GRACE_SECONDS:
+                continue  # an upload still streaming in another API process
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _last_write(entry: Path) -> float:
+    if entry.is_dir():
+        return max((p.stat().st_mtime for p in entry.iterdir()), default=entry.stat().st_mtime)
+    return entry.stat().st_mtime

@@ -1,0 +1,157 @@
+"""Merge jobs: turning a request body into a planned, deduplicated job; listing; cancelling.
+
+A body is a native recipe or A1111 merge metadata. Either way the recipe is planned against the
+registry (headers only) before a job exists, so every recipe error is a 422 at submit time,
+and the job stores the canonical recipe (every leaf named by sha256) that the worker runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.dispatch import enqueue
+from app.errors import Conflict, NotFound
+from app.models import Job, utcnow
+from app.services import registry
+from merge_engine.a1111 import apply_resolution, convert_a1111, is_a1111_metadata
+from merge_engine.errors import RecipeError, ResolveError
+from merge_engine.plan import ResolvedModel, plan
+from merge_engine.recipe import Leaf, ModelLeaf, Recipe, all_leaves, parse_recipe
+from worker.celery_app import MERGE_TASK
+
+
+def recipe_from_body(body: Any) -> Recipe:
+    """A native recipe, or A1111 merge metadata converted to one (leaves named by sha256 and
+    file name; an optional top-level `resolve` maps leaf names or sha256 prefixes to models)."""
+    if not isinstance(body, Mapping):
+        raise RecipeError("the body must be a JSON object: a recipe or A1111 merge metadata")
+    overrides = body.get("resolve") if isinstance(body.get("resolve"), Mapping) else None
+    data = {k: v for k, v in body.items() if k != "resolve"} if overrides is not None else body
+    if not is_a1111_metadata(data):
+        return parse_recipe(data)
+    conversion = convert_a1111(data)
+    if not overrides:
+        return conversion.recipe
+    recipe, _ = apply_resolution(conversion, {str(k): str(v) for k, v in overrides.items()},
+                                 lambda _name: None)
+    return recipe
+
+
+class RegistryResolver:
+    """Resolves every leaf of a recipe against the registry up front, so one 422 lists all the
+    leaves that cannot be found rather than only the first."""
+
+    def __init__(self, session: Session, recipe: Recipe):
+        self.resolved: dict[Leaf, ResolvedModel] = {}
+        unresolved = []
+        for leaf in all_leaves(recipe):
+            try:
+                model = self._model(session, leaf)
+            except ResolveError as exc:
+                unresolved.append({"leaf": _label(leaf), "reason": exc.message})
+                continue
+            self.resolved[leaf] = ResolvedModel(Path(model.path), model.name, model.sha256, model.legacy_hash)
+        if unresolved:
+            names = ", ".join(u["leaf"] for u in unresolved)
+            raise ResolveError(f"{len(unresolved)} model(s) not found in the registry: {names}",
+                               model=unresolved[0]["leaf"], details={"unresolved": unresolved})
+
+    @staticmethod
+    def _model(session: Session, leaf: Leaf):
+        if isinstance(leaf, ModelLeaf):
+            model = registry.find_leaf(session, leaf.sha256, leaf.name)
+            if model is None:
+                raise ResolveError("no registered model has this sha256 or file name", model=leaf.label())
+        else:
+            model = registry.find(session, leaf)
+        return registry.require_ready(model, _label(leaf))
+
+    def __call__(self, leaf: Leaf):
+        return self.resolved[leaf]
+
+
+def _label(leaf: Leaf) -> str:
+    return leaf.label() if isinstance(leaf, ModelLeaf) else leaf
+
+
+def plan_body(session: Session, body: Any):
+    """The engine's plan for a request body; the caller closes it."""
+    recipe = recipe_from_body(body)
+    return plan(recipe, RegistryResolver(session, recipe))
+
+
+def dry_run(session: Session, body: Any) -> dict[str, Any]:
+    planned = plan_body(session, body)
+    try:
+        return {**planned.to_dict(), "recipe": planned.canonical_recipe.model_dump(mode="json")}
+    finally:
+        planned.close()
+
+
+def submit(session: Session, body: Any) -> tuple[Job, bool]:
+    """(job, created). A recipe whose job is queued, running or succeeded answers that job;
+    the unique live_recipe_hash makes that hold under concurrent identical submissions."""
+    planned = plan_body(session, body)
+    planned.close()
+    existing = _live_job(session, planned.recipe_hash)
+    if existing is not None:
+        return existing, False
+    job = Job(status="queued", name=planned.recipe.name, recipe=planned.canonical_recipe.model_dump(mode="json"),
+              recipe_hash=planned.recipe_hash, live_recipe_hash=planned.recipe_hash,
+              architecture=planned.architecture, output_size=planned.output_size,
+              cancel_requested=False, attempts=0, dispatched_at=utcnow(),
+              artifact=None)  # loaded, so the job reads fine after its session closes
+    try:
+        with session.begin_nested():
+            session.add(job)
+    except IntegrityError:
+        existing = _live_job(session, planned.recipe_hash)
+        if existing is None:
+            raise
+        return existing, False
+    enqueue(session, MERGE_TASK, job.id)
+    return job, True
+
+
+def _live_job(session: Session, recipe_hash: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.live_recipe_hash == recipe_hash))
+
+
+def get_job(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound("no such merge job", details={"id": job_id})
+    return job
+
+
+def list_jobs(session: Session, *, status: str | None = None, before: int | None = None,
+              limit: int = 50) -> list[Job]:
+    """Newest first; `before` is the cursor (the last id of the previous page)."""
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if status:
+        query = query.where(Job.status == status)
+    if before is not None:
+        query = query.where(Job.id < before)
+    return list(session.scalars(query))
+
+
+def cancel(session: Session, job_id: int) -> Job:
+    """A queued job is cancelled at once; a running one is flagged and its worker stops it
+    between tensors (its partial file is removed). Finished jobs cannot be cancelled. Each
+    step is one guarded UPDATE, so a worker claiming the job at the same moment cannot slip by."""
+    queued = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=utcnow(), live_recipe_hash=None))
+    changed = queued.rowcount or session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True)).rowcount
+    job = get_job(session, job_id)
+    session.refresh(job)
+    if not changed:
+        raise Conflict(f"job is already {job.status}", details={"id": job_id, "status": job.status})
+    return job

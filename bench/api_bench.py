@@ -1,0 +1,288 @@
+"""Benchmark: the REST service on PostgreSQL + Redis under 200 concurrent clients, and a merge
+through the service against the same merge with the CLI, in the same run.
+
+    scripts/services.sh run -- .venv/bin/python bench/api_bench.py
+
+The service under test is real: `sdmerge serve` (API only) and one `sdmerge worker`, started
+here on a fresh database and a flushed Redis database, stopped at the end. Clients poll
+`GET /merges/{id}`, in three phases: paced polls (each client waits `--interval` seconds between
+requests, as a progress poller does), paced polls where every `--plan-every`-th request is a
+`POST /merges/plan`, and closed-loop polls (no waiting: the saturation throughput). The client runs on the same
+machine (one asyncio process), so on a small machine it competes with the server for CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+SDMERGE = [sys.executable, "-m", "app.cli"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def summary(latencies: dict[str, list[float]], errors: int, seconds: float) -> dict:
+    out = {"seconds": round(seconds, 2), "errors": errors,
+           "throughput_rps": round(sum(len(v) for v in latencies.values()) / seconds, 1)}
+    for kind, values in latencies.items():
+        out[kind] = {"requests": len(values), "p50_ms": round(percentile(values, 0.50) * 1e3, 2),
+                     "p99_ms": round(percentile(values, 0.99) * 1e3, 2),
+                     "max_ms": round(max(values, default=float("nan")) * 1e3, 2)}
+    return out
+
+
+async def load(base: str, headers: dict, job_ids: list[int], plan_body: dict, *, clients: int,
+               seconds: float, interval: float, plan_every: int) -> dict:
+    latencies: dict[str, list[float]] = {"poll": [], "plan": []}
+    errors = 0
+    samples: list[str] = []  # the first few failures, to say what went wrong
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=30) as client:
+        deadline = time.perf_counter() + seconds
+
+        async def one_client(n: int) -> None:
+            nonlocal errors
+            rng = random.Random(n)
+            await asyncio.sleep(rng.random() * (interval or 0.05))  # spread the first wave
+            i = 0
+            while time.perf_counter() < deadline:
+                i += 1
+                kind = "plan" if plan_every and i % plan_every == 0 else "poll"
+                start = time.perf_counter()
+                try:
+                    if kind == "plan":
+                        response = await client.post("/merges/plan", json=plan_body)
+                    else:
+                        response = await client.get(f"/merges/{rng.choice(job_ids)}")
+                    if response.status_code != 200:
+                        errors += 1
+                        samples.append(f"{kind} {response.status_code} {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    errors += 1
+                    samples.append(f"{kind} {type(exc).__name__}")
+                latencies[kind].append(time.perf_counter() - start)
+                if interval:
+                    await asyncio.sleep(interval)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one_client(n) for n in range(clients)))
+        return {**summary(latencies, errors, time.perf_counter() - began), "error_samples": samples[:3]}
+
+
+class Service:
+    """`sdmerge serve` (API only) and one worker on the given database and broker."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], port: int, api_workers: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.logs = []
+        self.processes = []
+        for name, args in (("serve", ["serve", "--port", str(port), "--api-workers", str(api_workers)]),
+                           ("worker", ["worker"])):
+            log = open(workdir / f"{name}.log", "wb")
+            self.logs.append(log)
+            self.processes.append(subprocess.Popen([*SDMERGE, *args], env=env, cwd=REPO, stdout=log,
+                                                   stderr=subprocess.STDOUT))
+        wait(lambda: _get(f"{self.base}/health") == 200, 60, "the API")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for log in self.logs:
+            log.close()
+
+
+def _get(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.TransportError:
+        return None
+
+
+def wait(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise SystemExit(f"api_bench: timed out waiting for {what}")
+
+
+def checkpoints(cache: Path, size: str, seeds: tuple[int, ...]) -> list[Path]:
+    """The engine's synthetic SD2 checkpoints, written once and shared with bench/merge_bench.py."""
+    from merge_engine.synthetic import tiny_state_dict, write_checkpoint, write_full_size
+
+    cache.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in seeds:
+        path = cache / f"sd2-{size}-seed{seed}.safetensors"
+        if not path.exists():
+            if size == "full":
+                write_full_size(path, "sd2", seed=seed)
+            else:
+                write_checkpoint(path, tiny_state_dict("sd2", seed=seed))
+        paths.append(path)
+    return paths
+
+
+def link_into(paths: list[Path], root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        try:
+            os.link(path, root / path.name)
+        except OSError:
+            shutil.copy2(path, root / path.name)
+
+
+def register(client: httpx.Client, filenames: list[str]) -> None:
+    ids = [client.post("/models", json={"path": f}).raise_for_status().json()["id"] for f in filenames]
+    for model_id in ids:
+        wait(lambda m=model_id: client.get(f"/models/{m}").json()["status"] == "ready", 600, f"model {model_id}")
+
+
+def finished(client: httpx.Client, job_id: int) -> dict:
+    job = wait(lambda: (j := client.get(f"/merges/{job_id}").json())["status"] not in ("queued", "running") and j,
+               3600, f"job {job_id}", interval=0.02)
+    if job["status"] != "succeeded":
+        raise SystemExit(f"api_bench: job {job_id} {job['status']}: {job['error']}")
+    return job
+
+
+def compare_merge(client: httpx.Client, env: dict, workdir: Path, root: Path, names: list[str],
+                  threads: int, rounds: int) -> dict:
+    """The same recipe: `sdmerge merge` (a fresh process, as a user runs it) against a submission
+    to the running service, from POST to `succeeded` as a client sees it. Each round uses a new
+    output dtype so the service cannot answer from its dedupe; the CLI merges the same recipe."""
+    timings: dict[str, list[float]] = {"cli_s": [], "cli_hash_s": [], "service_s": [], "service_worker_s": []}
+    for dtype in ("fp16", "bf16", "fp32")[:rounds]:
+        recipe = {"name": f"bench-{dtype}", "merge": {"method": "uniform", "models": names},
+                  "output": {"dtype": dtype}}
+        (workdir / "recipe.json").write_text(json.dumps(recipe))
+        out = workdir / "cli.safetensors"
+        # --hash: the sha256 of the output, which the service's content-addressed store needs too
+        for key, extra in (("cli_s", []), ("cli_hash_s", ["--hash"])):
+            start = time.perf_counter()
+            subprocess.run([*SDMERGE, "merge", str(workdir / "recipe.json"), "-o", str(out), "--model-root",
+                            str(root), "--threads", str(threads), "--quiet", *extra], env=env, check=True,
+                           cwd=REPO, stdout=subprocess.DEVNULL)
+            timings[key].append(time.perf_counter() - start)
+            out.unlink()
+        start = time.perf_counter()
+        job = finished(client, client.post("/merges", json=recipe).raise_for_status().json()["id"])
+        timings["service_s"].append(time.perf_counter() - start)
+        ran = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
+        timings["service_worker_s"].append(ran.total_seconds())
+    median = {k: statistics.median(v) for k, v in timings.items()}
+    return {"models": names, **{k: [round(v, 2) for v in vs] for k, vs in timings.items()},
+            "service_over_cli": round(median["service_s"] / median["cli_s"], 3),
+            "service_over_cli_hash": round(median["service_s"] / median["cli_hash_s"], 3)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--database-url", default=os.environ.get("SDMERGE_TEST_POSTGRES_URL"),
+                   help="a PostgreSQL server URL; a fresh database is created on it and dropped")
+    p.add_argument("--broker-url", default=os.environ.get("SDMERGE_TEST_REDIS_URL"))
+    p.add_argument("--clients", type=int, default=200)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between a paced client's requests")
+    p.add_argument("--plan-every", type=int, default=10, help="every Nth request is POST /merges/plan")
+    p.add_argument("--api-workers", type=int, default=1, help="API processes (sdmerge serve --api-workers)")
+    p.add_argument("--merge-size", choices=("full", "tiny", "none"), default="full")
+    p.add_argument("--threads", type=int, default=2, help="merge threads for the CLI and the worker")
+    p.add_argument("--merge-rounds", type=int, default=3, choices=(1, 2, 3))
+    p.add_argument("--cache-dir", type=Path, default=BENCH / ".cache")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+    if not args.database_url or not args.broker_url:
+        raise SystemExit("api_bench: needs PostgreSQL and Redis: run it under scripts/services.sh")
+
+    from sqlalchemy import create_engine, text
+
+    from app.db import normalize_url
+
+    database = f"sdmerge_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(normalize_url(args.database_url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{database}"'))
+    import redis
+
+    broker = args.broker_url.rsplit("/", 1)[0] + "/5"
+    redis.Redis.from_url(broker).flushdb()
+    workdir = Path(tempfile.mkdtemp(prefix="sdmerge-bench-"))
+    root = workdir / "models"
+    tiny = checkpoints(args.cache_dir, "tiny", (0, 1))
+    full = checkpoints(args.cache_dir, "full", (0, 1)) if args.merge_size == "full" else []
+    link_into(tiny + full, root)
+    env = {**os.environ, "SDMERGE_DATABASE_URL": args.database_url.rsplit("/", 1)[0] + "/" + database,
+           "SDMERGE_BROKER_URL": broker, "SDMERGE_DATA_DIR": str(workdir / "data"),
+           "SDMERGE_MODEL_ROOTS": str(root), "SDMERGE_MERGE_THREADS": str(args.threads),
+           "SDMERGE_HASH_CACHE": str(workdir / "hashes.sqlite3"), "PYTHONPATH": str(REPO)}
+    env.pop("SDMERGE_API_TOKEN", None)
+    subprocess.run([*SDMERGE, "db", "upgrade"], env=env, check=True, capture_output=True)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    service = Service(workdir, env, port, args.api_workers)
+    results: dict = {"clients": args.clients, "cpus": os.cpu_count(), "api_workers": args.api_workers,
+                     "load_average_at_start": os.getloadavg()}
+    try:
+        with httpx.Client(base_url=service.base, timeout=60) as client:
+            register(client, [p.name for p in tiny])
+            a, b = (p.name for p in tiny)
+            seeds = [client.post("/merges", json={"merge": {"method": "weighted", "models": [
+                {"model": a, "weight": i + 1}, {"model": b, "weight": 20 - i}]}}).json()["id"] for i in range(20)]
+            for job_id in seeds:
+                finished(client, job_id)
+            plan_body = {"merge": {"method": "uniform", "models": [a, b]}}
+            phases = (("paced_polls_only", args.interval, 0), ("paced_with_plans", args.interval, args.plan_every),
+                      ("closed_loop_polls_only", 0.0, 0))
+            for phase, interval, plan_every in phases:
+                results[phase] = asyncio.run(load(service.base, {}, seeds, plan_body, clients=args.clients,
+                                                  seconds=args.seconds, interval=interval, plan_every=plan_every))
+                results[phase].update(interval_s=interval, plan_every=plan_every)
+                print(phase, json.dumps(results[phase]), flush=True)
+            if full:
+                register(client, [p.name for p in full])
+                results["merge"] = compare_merge(client, env, workdir, root, [p.name for p in full], args.threads,
+                                                 args.merge_rounds)
+                print("merge", json.dumps(results["merge"]), flush=True)
+    finally:
+        service.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        redis.Redis.from_url(broker).flushdb()
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

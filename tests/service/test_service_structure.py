@@ -1,0 +1,98 @@
+"""Structure: import boundaries, migrations matching the models, settings, the CLI's guards."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import create_engine
+
+from tests.service.servers import SDMERGE, service_env
+
+
+def test_importing_the_app_does_not_import_torch():
+    code = ("import sys, app.main, app.cli, app.serve, worker.celery_app; "
+            "app.main.create_app; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env=service_env())
+
+
+def test_the_engine_never_imports_the_service():
+    code = ("import sys, merge_engine.cli, merge_engine.plan, merge_engine.execute; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('fastapi', 'sqlalchemy', 'celery', 'app', 'worker')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env=service_env())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_migrations_match_models_and_go_down_and_up(backend, tmp_path, request):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from app.db import make_engine
+    from app.migrate import downgrade, upgrade
+    from app.models import Base
+    from tests.service.conftest import create_database, drop_database
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'm.db'}"
+    else:
+        server = request.getfixturevalue("postgres_server_url")
+        url = create_database(server, "sdmerge_migrate")
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+        downgrade(engine, "base")
+        upgrade(engine)
+        with engine.connect() as connection:
+            diff = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
+                                    Base.metadata)
+        assert diff == []
+    finally:
+        engine.dispose()
+        if backend == "postgres":
+            drop_database(server, url)
+
+
+def test_db_upgrade_command_works_from_any_directory(tmp_path):
+    env = service_env(SDMERGE_DATA_DIR=str(tmp_path / "data"))
+    result = subprocess.run([*SDMERGE, "db", "upgrade"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    tables = create_engine(f"sqlite:///{tmp_path / 'data' / 'sdmerge.db'}").connect().exec_driver_sql(
+        "SELECT name FROM sqlite_master WHERE type='table'").scalars().all()
+    assert {"models", "jobs", "artifacts", "alembic_version"} <= set(tables)
+
+
+def test_serve_refuses_a_public_bind_without_a_token(tmp_path):
+    result = subprocess.run([*SDMERGE, "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)],
+                            env=service_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "SDMERGE_API_TOKEN" in result.stderr
+
+
+def test_settings_from_environment(tmp_path):
+    from app.settings import settings_from_env
+
+    settings = settings_from_env({"SDMERGE_DATA_DIR": str(tmp_path), "SDMERGE_MODEL_ROOTS": "/a:/b",
+                                  "SDMERGE_JOB_LEASE_SECONDS": "30", "SDMERGE_MAX_UPLOAD_BYTES": "100"})
+    assert settings.embedded and settings.database_url == f"sqlite:///{tmp_path / 'sdmerge.db'}"
+    assert [str(r) for r in settings.model_roots] == ["/a", "/b"]
+    assert (settings.job_lease_seconds, settings.max_upload_bytes) == (30, 100)
+    scaled = settings_from_env({"SDMERGE_BROKER_URL": "redis://h:6379/0", "SDMERGE_DATABASE_URL": "postgresql://x/y"})
+    assert not scaled.embedded
+
+
+def test_ready_reports_an_unreachable_broker(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.settings import settings_from_env
+
+    settings = settings_from_env({"SDMERGE_DATA_DIR": str(tmp_path), "SDMERGE_BROKER_URL": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(settings)) as client:
+        upgrade(client.app.state.runtime.engine)
+        response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.json()["checks"]["database"] == "ok"
+    assert response.json()["checks"]["broker"].startswith("error")

@@ -1,0 +1,57 @@
+"""The Celery application, configured for long GPU jobs. Importing this never imports torch,
+so the API can send tasks by name without loading the tasks themselves."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from app.settings import Settings
+
+MERGE_TASK = "sdmerge.merge"
+HASH_TASK = "sdmerge.hash_model"
+QUEUES = ("merge", "hash", "preview")
+TASK_QUEUE = {MERGE_TASK: "merge", HASH_TASK: "hash"}
+# Longer than the longest merge: Redis hands an unacknowledged message to another worker only
+# after this long. A crashed worker's job is picked up much sooner through its lapsed lease.
+VISIBILITY_TIMEOUT = 12 * 3600
+
+
+def broker_options(settings: Settings) -> tuple[str, dict]:
+    if settings.embedded:
+        folder = str(settings.broker_dir)
+        return "filesystem://", {
+            "data_folder_in": folder,
+            "data_folder_out": folder,
+            "control_folder": str(settings.broker_dir / "control"),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
+    return settings.broker_url or "", {"visibility_timeout": VISIBILITY_TIMEOUT}
+
+
+def make_celery(settings: Settings) -> Celery:
+    url, transport_options = broker_options(settings)
+    if settings.embedded:
+        (settings.broker_dir / "control").mkdir(parents=True, exist_ok=True)
+    app = Celery("sdmerge", set_as_current=False)
+    app.conf.update(
+        broker_url=url,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,  # the SQL row is the truth about a job, not a result backend
+        task_serializer="json",
+        accept_content=["json"],
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue="merge",
+        task_routes={name: {"queue": queue} for name, queue in TASK_QUEUE.items()},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,  # one process per GPU; run more `sdmerge worker`s for more
+        worker_pool="solo",
+        worker_hijack_root_logger=False,
+        worker_enable_remote_control=not settings.embedded,
+        worker_send_task_events=False,
+    )
+    return app
