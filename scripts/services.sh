@@ -25,12 +25,23 @@ as_pg() {
     if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
+ensure_redis() {
+    # A fresh machine of ours has PostgreSQL but not Redis: install it when we can (as root).
+    command -v redis-server >/dev/null && return
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "services.sh: installing redis-server with apt-get" >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } >&2 \
+            || die "could not install redis-server"
+    fi
+    command -v redis-server >/dev/null || die "redis-server not found; apt-get install -y redis-server"
+}
+
 start_services() {
     SERVICES_DIR=$(mktemp -d /tmp/sdmerge-services.XXXXXX)
     chmod 755 "$SERVICES_DIR"
     local bin pg_port redis_port
     bin=$(pg_bin)
-    command -v redis-server >/dev/null || die "redis-server not found; apt-get install -y redis-server"
+    ensure_redis
     mkdir "$SERVICES_DIR/pg"
     [ "$(id -u)" = 0 ] && chown postgres "$SERVICES_DIR/pg"
     as_pg "$bin/initdb" -D "$SERVICES_DIR/pg/data" -A trust -U postgres --no-sync -E UTF8 >"$SERVICES_DIR/initdb.log" 2>&1 \
