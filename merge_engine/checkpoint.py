@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import mmap
 import os
 import struct
@@ -56,10 +57,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

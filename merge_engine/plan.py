@@ -10,6 +10,7 @@ component and the key; a plan that comes back is one the executor can run to the
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -71,10 +72,7 @@ class KeyPlan:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
