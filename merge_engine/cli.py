@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = recipe.add_parser("schema", help="the recipe's JSON Schema")
     p.set_defaults(handler=_schema)
 
+    p = sub.add_parser("analyze", help="distances between checkpoints per component: JSON, heatmaps, maps")
+    p.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
+    p.add_argument("--component", action="append", choices=["unet", "text_encoder", "text_encoder_2", "vae"],
+                   help="component to analyse (repeatable; default: all of the first file's)")
+    p.add_argument("--metric", action="append", choices=["l2", "cosine"], help="repeatable; default: both")
+    p.add_argument("--base", type=Path, help="compare task vectors: each model minus this base model")
+    p.add_argument("--threads", type=int, default=0, help="reader threads (default: cores, max 4)")
+    p.add_argument("--no-hash", action="store_true", help="leave sha256 out of the report (no full-file hashing)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(handler=_analyze)
+
     p = sub.add_parser("demo", help="write tiny SD2-shaped models and a recipe into DIR, then merge them")
     p.add_argument("dir", type=Path)
     p.set_defaults(handler=_demo)
@@ -237,6 +249,28 @@ def _schema(args: argparse.Namespace) -> int:
     from .recipe import recipe_schema
 
     print(json.dumps(recipe_schema(), indent=2))
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze, inputs_from_files
+    from .analysis_report import write_report
+    from .progress import ProgressBar
+
+    models = inputs_from_files(args.files, hashes=not args.no_hash)
+    base = inputs_from_files([args.base], hashes=not args.no_hash, ids=["base"])[0] if args.base else None
+    bar = None if args.quiet else ProgressBar(sys.stderr)
+    result = analyze(models, args.component, args.metric or ("l2", "cosine"), base=base, progress=bar,
+                     threads=args.threads)
+    if bar:
+        bar.close()
+    written = write_report(result, args.output)
+    if not args.quiet:
+        for component, figures in result.components.items():
+            flagged = ", ".join(models[i].name for i in figures.figures.outliers) or "none"
+            groups = "; ".join(" = ".join(models[i].name for i in g) for g in figures.identical_groups) or "none"
+            print(f"{component}: outliers {flagged}; identical {groups}")
+        print(f"wrote {len(written)} files to {args.output} ({result.seconds:.1f} s)")
     return 0
 
 
