@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import ipaddress
 import logging
 import signal
@@ -48,6 +49,11 @@ def serve(settings: Settings, host: str, port: int, *, scan: bool = False, acces
             found = registry.scan(session, settings)
             session.commit()
         log.info("scan registered %d models, skipped %d", len(found["registered"]), len(found["skipped"]))
+    # Everything built so far lives as long as the server: keep it out of the collector's scans,
+    # and collect less often, so no request waits behind a full-heap GC pass (the poll tail).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     child = ChildWorker() if settings.embedded else None
     mode = "embedded (SQLite or given database, filesystem broker, child worker)" if child else "API only"
     print(f"sdmerge: serving on http://{host}:{port} (docs at /docs), data dir {settings.data_dir}, {mode}",
