@@ -163,7 +163,7 @@ def _open_inputs(recipe: Recipe, resolver: Resolver) -> tuple[list[PlannedInput]
                     hashes = hash_file(real)
                     sha256, legacy = hashes.sha256, hashes.legacy
                 checkpoint = open_checkpoint(real, name=resolved.name)
-                info = detect(checkpoint.tensors, model=resolved.name)
+                info = _detect(checkpoint)
                 by_path[real] = len(inputs)
                 label = leaf.label() if isinstance(leaf, ModelLeaf) else leaf
                 inputs.append(PlannedInput(label, real, resolved.name, sha256, legacy, checkpoint, info))
@@ -179,6 +179,21 @@ def _open_inputs(recipe: Recipe, resolver: Resolver) -> tuple[list[PlannedInput]
             item.checkpoint.close()
         raise
     return inputs, index_of
+
+
+_DETECTED: dict[tuple[Path, int, int, str], ModelInfo] = {}
+
+
+def _detect(checkpoint: Checkpoint) -> ModelInfo:
+    """Detection once per file version: the service plans the same files again and again."""
+    version = (checkpoint.path, checkpoint.size, checkpoint.mtime_ns, checkpoint.name)
+    info = _DETECTED.get(version)
+    if info is None:
+        info = detect(checkpoint.tensors, model=checkpoint.name)
+        if len(_DETECTED) >= 64:
+            _DETECTED.pop(next(iter(_DETECTED)), None)
+        _DETECTED[version] = info
+    return info
 
 
 def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, int]) -> Plan:
