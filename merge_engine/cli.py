@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             traceback.print_exc()
         print(f"sdmerge: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file problem no check above foresaw: still one line, not a traceback
+        if args.debug:
+            traceback.print_exc()
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"sdmerge: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("sdmerge: interrupted", file=sys.stderr)
         return 130
@@ -107,6 +113,8 @@ def load_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"recipe file {path} does not exist") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe file {path}: {exc.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecipeError(f"recipe file {path} is not valid JSON: {exc}") from None
     resolver = FileResolver(path.parent, args.model_root)

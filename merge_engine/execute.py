@@ -94,6 +94,8 @@ def merge(
     output = Path(output_path).absolute()
     if any(output.resolve() == item.path for item in plan.inputs):
         raise RecipeError("the recipe references its own output file", model=output.name)
+    if output.is_dir():
+        raise RecipeError(f"output {output} is a folder; give the file to write, e.g. {output / 'merged.safetensors'}")
     if output.exists() and not overwrite:
         raise RecipeError(f"output {output} already exists (use overwrite)")
     tmp_parent = Path(tmp_dir) if tmp_dir else output.parent

@@ -157,3 +157,18 @@ def test_merge_runs_a1111_metadata_directly(make_model, tmp_path, capsys):
     paths["c"].write_bytes(paths["a"].read_bytes())
     assert main(["plan", str(a1111), *roots]) == 2
     assert "c.safetensors" in capsys.readouterr().err
+
+
+def test_folders_where_files_belong_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    assert main(["plan", str(tmp_path / "folder")]) == 2
+    assert "cannot read recipe file" in capsys.readouterr().err
+    from merge_engine.demo import run_demo
+
+    run_demo(tmp_path / "demo")
+    capsys.readouterr()
+    out_dir = tmp_path / "demo" / "outdir"
+    out_dir.mkdir()
+    assert main(["merge", str(tmp_path / "demo" / "recipe.json"), "-o", str(out_dir), "--overwrite", "--quiet"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert list(out_dir.iterdir()) == [] and not list((tmp_path / "demo").glob(".*.partial"))
