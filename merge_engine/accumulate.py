@@ -19,6 +19,20 @@ from .errors import NonFiniteError
 from .plan import KeyPlan, Plan
 
 
+def add_term(acc: torch.Tensor, src: torch.Tensor, coefficient: float, first: bool,
+             scratch: torch.Tensor | None) -> torch.Tensor:
+    """acc (+)= coefficient * src. On the CPU, narrow sources are widened into `scratch` first:
+    that and a same-dtype add beat torch's mixed-dtype in-place add several times over."""
+    if first:
+        acc.copy_(src)
+        if coefficient != 1.0:
+            acc.mul_(coefficient)
+        return acc
+    if scratch is not None and src.dtype != acc.dtype:
+        src = scratch.copy_(src)
+    return acc.add_(src, alpha=coefficient)
+
+
 class CpuAccumulator:
     def __init__(self, plan: Plan, acc_dtype: torch.dtype, chunk: int, check_finite: bool):
         self.plan, self.check_finite = plan, check_finite
@@ -36,21 +50,14 @@ class CpuAccumulator:
         n = stop - start
         acc, scratch = self.acc[:n], self.scratch[:n]
         for j, term in enumerate(key.terms):
-            src = self.read(key, j, start, stop, self.staging)
-            if j == 0:
-                acc.copy_(src)
-                if term.coefficient != 1.0:
-                    acc.mul_(term.coefficient)
-            elif src.dtype == acc.dtype:
-                acc.add_(src, alpha=term.coefficient)
-            else:
-                scratch.copy_(src)
-                acc.add_(scratch, alpha=term.coefficient)
+            add_term(acc, self.read(key, j, start, stop, self.staging), term.coefficient, j == 0, scratch)
         return self.finish(key, start, stop, acc)
 
     def finish(self, key: KeyPlan, start: int, stop: int, acc: torch.Tensor) -> torch.Tensor:
+        """Round once into the output buffer (on the host), check the range, return the bytes."""
         result = self.out[: (stop - start) * ITEMSIZE[key.dtype]].view(torch_dtype(key.dtype))
-        result.copy_(acc)
+        # On a device, round there and bring back only the narrow result.
+        result.copy_(acc if acc.device.type == "cpu" else acc.to(result.dtype))
         if self.check_finite:
             self.check_range(key, start, stop, acc, result)
         return result.view(torch.uint8)
@@ -83,8 +90,7 @@ class CpuAccumulator:
 
 class DeviceAccumulator(CpuAccumulator):
     def __init__(self, plan: Plan, acc_dtype: torch.dtype, chunk: int, check_finite: bool, device: torch.device):
-        super().__init__(plan, acc_dtype, chunk, check_finite)
-        self.device = device
+        self.plan, self.check_finite, self.device = plan, check_finite, device
         cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.pinned = [torch.empty(chunk * 8, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
@@ -109,21 +115,11 @@ class DeviceAccumulator(CpuAccumulator):
             src = self.read(key, j, start, stop, self.pinned[slot])
             nbytes = n * src.element_size()
             host = self.pinned[slot][:nbytes]
-            if src.data_ptr() != host.data_ptr():  # pickled inputs live in their own memory
+            if src.data_ptr() != host.data_ptr():  # mapped or pickled inputs: into pinned memory first
                 host.view(src.dtype).copy_(src)
             on_device = self.on_device[slot][:nbytes]
             on_device.copy_(host, non_blocking=True)
             if self.copied[slot] is not None:
                 self.copied[slot].record()
-            src = on_device.view(src.dtype)
-            if j == 0:
-                acc.copy_(src)
-                if term.coefficient != 1.0:
-                    acc.mul_(term.coefficient)
-            else:
-                acc.add_(src, alpha=term.coefficient)
-        result = self.out[: n * ITEMSIZE[key.dtype]].view(torch_dtype(key.dtype))
-        result.copy_(acc.to(torch_dtype(key.dtype)))  # round on the device, bring back the narrow result
-        if self.check_finite:
-            self.check_range(key, start, stop, acc, result)
-        return result.view(torch.uint8)
+            add_term(acc, on_device.view(src.dtype), term.coefficient, j == 0, None)  # mixed adds are fast there
+        return self.finish(key, start, stop, acc)

@@ -16,7 +16,6 @@ Identical components (byte for byte) are confirmed in analysis_identity.py.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,12 +28,11 @@ from .analysis_identity import identical_groups
 from .analysis_math import ComponentFigures, component_figures, pivot_last
 from .architecture import check_compatible, detect
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import LayoutMismatchError, MergeCancelled, NonFiniteError, SdmergeError
-from .execute import Progress
+from .errors import LayoutMismatchError, NonFiniteError, SdmergeError
+from .passes import Progress, StreamingPass
 
 METRICS = ("l2", "cosine")
 CHUNK_BYTES = 4 << 20  # per thread: the fp64 rows stay in cache between the widen and the Gram
-SWEEP_BYTES = 128 << 20  # bytes read between unmapping every input (mapped pages count as RSS)
 UNET_PREFIX = "model.diffusion_model."
 
 
@@ -193,7 +191,7 @@ class _Layout:
         return out
 
 
-class _Pass:
+class _Pass(StreamingPass):
     """The one streaming pass: a few threads, each with its own chunk matrix and Gram matrices.
 
     Chunks are dealt to threads round-robin and the threads' sums are added in thread order,
@@ -201,92 +199,52 @@ class _Pass:
 
     def __init__(self, layout: _Layout, checkpoints: list[Checkpoint], threads: int, chunk_bytes: int,
                  progress: Callable[[Progress], None] | None, should_cancel: Callable[[], bool] | None):
-        self.layout, self.checkpoints = layout, checkpoints
+        bytes_total = sum(sum(ck.tensors[k].nbytes for ck, k in zip(checkpoints, keys, strict=True))
+                          for entries in layout.keys.values() for _, _, keys in entries)
+        super().__init__(checkpoints, threads, sum(len(v) for v in layout.keys.values()), bytes_total,
+                         progress, should_cancel, "analysis")
+        self.layout = layout
         self.rows = len(checkpoints)
-        self.threads = threads or max(1, min(4, os.cpu_count() or 1))
         self.chunk = max(4096, chunk_bytes // (8 * self.rows))
-        self.report, self.should_cancel = progress, should_cancel
         self.items = [(c, block, keys, start, min(start + self.chunk, layout.numel[keys[0]]))
                       for c, entries in layout.keys.items() for _, block, keys in entries
                       for start in range(0, max(layout.numel[keys[0]], 1), self.chunk)]
-        self.bytes_total = sum(sum(ck.tensors[k].nbytes for ck, k in zip(checkpoints, keys, strict=True))
-                               for entries in layout.keys.values() for _, _, keys in entries)
-        self.lock, self.stop = threading.Lock(), threading.Event()
-        self.error: BaseException | None = None
-        self.bytes_read = self.swept = self.tensors_done = 0
-        self.started = time.perf_counter()
+        self.results: list[dict] = [{} for _ in range(self.threads)]
 
     def run(self) -> dict[str, dict[str, np.ndarray]]:
-        intra_op = torch.get_num_threads()
-        torch.set_num_threads(1)  # the pass parallelises across chunks; torch's threads would contend
-        try:
-            results: list[dict] = [{} for _ in range(self.threads)]
-            workers = [threading.Thread(target=self._work, args=(t, results[t]), daemon=True)
-                       for t in range(self.threads)]
-            for w in workers:
-                w.start()
-            while alive := [w for w in workers if w.is_alive()]:
-                alive[0].join(0.1)
-                if self.should_cancel is not None and not self.stop.is_set() and self.should_cancel():
-                    self.error = self.error or MergeCancelled("the analysis was cancelled")
-                    self.stop.set()
-                self._progress()
-        finally:
-            torch.set_num_threads(intra_op)
-        if self.error is not None:
-            raise self.error
-        self._progress()
+        self.run_threads()
         grams: dict[str, dict[str, np.ndarray]] = {c: {} for c in self.layout.keys}
-        for partial in results:
+        for partial in self.results:
             for (component, block), gram in partial.items():
                 grams[component][block] = grams[component].get(block, 0) + gram
         return grams
 
-    def _progress(self) -> None:
-        if self.report is not None:
-            self.report(Progress(self.tensors_done, sum(len(v) for v in self.layout.keys.values()),
-                                 self.bytes_read, self.bytes_total, time.perf_counter() - self.started))
-
-    def _work(self, index: int, grams: dict) -> None:
-        try:
-            buffer = np.empty((self.rows, self.chunk), dtype=np.float64)
-            widened = torch.from_numpy(buffer)  # the same memory: torch widens faster than numpy
-            single = torch.empty(self.chunk, dtype=torch.float32)  # fp16 -> fp32 -> fp64 beats one step
-            staging = torch.empty(self.chunk * 8, dtype=torch.uint8)
-            for component, block, keys, start, stop in self.items[index::self.threads]:
-                if self.stop.is_set():
-                    return
-                n = stop - start
-                matrix = buffer[:, :n]
-                for row, (checkpoint, key) in enumerate(zip(self.checkpoints, keys, strict=True)):
-                    values = checkpoint.read_into(key, start, stop, staging)
-                    if values.element_size() == 2:
-                        values = single[:n].copy_(values)
-                    widened[row, :n].copy_(values)
-                widened[1:, :n] -= widened[0, :n]
-                gram = grams.get((component, block))
-                if gram is None:
-                    gram = grams[(component, block)] = np.zeros((self.rows, self.rows))
-                torch.from_numpy(gram).addmm_(widened[:, :n], widened[:, :n].T)  # faster than numpy's here
-                if not np.isfinite(gram[np.diag_indices(self.rows)]).all():
-                    self._non_finite(matrix, component, keys)
-                self._advance(keys, n, stop == self.layout.numel[keys[0]])
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            with self.lock:
-                self.error = self.error or exc
-            self.stop.set()
-
-    def _advance(self, keys: list[str], n: int, last: bool) -> None:
-        with self.lock:
-            self.bytes_read += sum(n * (ck.tensors[k].nbytes // max(ck.tensors[k].numel, 1))
-                                   for ck, k in zip(self.checkpoints, keys, strict=True))
-            self.tensors_done += last
-            sweep = self.bytes_read - self.swept >= SWEEP_BYTES
-            if sweep:
-                self.swept = self.bytes_read
-        if sweep:
-            for checkpoint in self.checkpoints:
-                checkpoint.release()
+    def work(self, index: int) -> None:
+        grams = self.results[index]
+        buffer = np.empty((self.rows, self.chunk), dtype=np.float64)
+        widened = torch.from_numpy(buffer)  # the same memory: torch widens faster than numpy
+        single = torch.empty(self.chunk, dtype=torch.float32)  # fp16 -> fp32 -> fp64 beats one step
+        staging = torch.empty(self.chunk * 8, dtype=torch.uint8)
+        for component, block, keys, start, stop in self.items[index::self.threads]:
+            if self.stop.is_set():
+                return
+            n = stop - start
+            matrix = buffer[:, :n]
+            for row, (checkpoint, key) in enumerate(zip(self.checkpoints, keys, strict=True)):
+                values = checkpoint.read_into(key, start, stop, staging)
+                if values.element_size() == 2:
+                    values = single[:n].copy_(values)
+                widened[row, :n].copy_(values)
+            widened[1:, :n] -= widened[0, :n]
+            gram = grams.get((component, block))
+            if gram is None:
+                gram = grams[(component, block)] = np.zeros((self.rows, self.rows))
+            torch.from_numpy(gram).addmm_(widened[:, :n], widened[:, :n].T)  # faster than numpy's here
+            if not np.isfinite(gram[np.diag_indices(self.rows)]).all():
+                self._non_finite(matrix, component, keys)
+            self.advance(sum(n * (ck.tensors[k].nbytes // max(ck.tensors[k].numel, 1))
+                             for ck, k in zip(self.checkpoints, keys, strict=True)),
+                         stop == self.layout.numel[keys[0]])
 
     def _non_finite(self, matrix: np.ndarray, component: str, keys: list[str]) -> None:
         for row in range(self.rows):

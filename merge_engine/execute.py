@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import gc
 import hashlib
 import os
 import threading
@@ -28,12 +27,12 @@ import torch
 
 from .accumulate import CpuAccumulator, DeviceAccumulator
 from .checkpoint import ITEMSIZE
-from .errors import LayoutMismatchError, MergeCancelled, OptionsError, RecipeError, StorageError
+from .errors import LayoutMismatchError, OptionsError, RecipeError, StorageError
+from .passes import Progress, StreamingPass
 from .plan import KeyPlan, Plan
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: stays in cache between the widen and the add
 HASH_BLOCK = 16 << 20
-SWEEP_BYTES = 128 << 20  # input bytes read between unmapping everything read
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,6 @@ class ExecOptions:
     threads: int = 0  # 0: one per core, at most 4 (the work is memory-bound beyond that)
     device: str = "cpu"
     chunk_elements: int = CHUNK_ELEMENTS
-
-    def thread_count(self) -> int:
-        return self.threads or max(1, min(4, os.cpu_count() or 1))
 
     def torch_device(self) -> torch.device:
         try:
@@ -53,21 +49,6 @@ class ExecOptions:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise OptionsError(f"device {self.device!r} asked for, but torch sees no CUDA device")
         return device
-
-
-@dataclass(frozen=True)
-class Progress:
-    tensors_done: int
-    tensors_total: int
-    bytes_read: int
-    bytes_total: int
-    elapsed: float
-
-    @property
-    def eta(self) -> float | None:
-        if not self.bytes_read:
-            return None
-        return self.elapsed * (self.bytes_total - self.bytes_read) / self.bytes_read
 
 
 @dataclass(frozen=True)
@@ -114,7 +95,7 @@ def merge(
         try:
             _reserve(fd, plan.output_size, output)
             os.pwrite(fd, plan.header, 0)
-            _Run(plan, fd, options, progress, should_cancel, hasher).run()
+            _Run(plan, fd, options, progress, should_cancel, hasher).run_threads()
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -132,14 +113,15 @@ def merge(
     return MergeResult(output, plan.output_size, digest, plan.metadata, time.perf_counter() - started)
 
 
-class _Run:
-    """One execution: a queue of (key, chunk) items shared by a few threads."""
+class _Run(StreamingPass):
+    """One execution: (key, chunk) items taken in output order by a few threads."""
 
     def __init__(self, plan: Plan, fd: int, options: ExecOptions,
                  progress: Callable[[Progress], None] | None, should_cancel: Callable[[], bool] | None,
                  hasher: _OutputHasher | None = None):
+        super().__init__([i.checkpoint for i in plan.inputs], options.threads, len(plan.keys),
+                         plan.bytes_to_read, progress, should_cancel, "merge")
         self.plan, self.fd, self.options, self.hasher = plan, fd, options, hasher
-        self.report, self.should_cancel = progress, should_cancel
         self.data_start = len(plan.header)
         self.acc_dtype = torch.float64 if plan.recipe.output.accumulate == "fp64" else torch.float32
         self.check_finite = plan.recipe.output.non_finite == "error"
@@ -147,14 +129,6 @@ class _Run:
         self.items = enumerate(self._items())
         self.finished: dict[int, int] = {}  # item index -> its end in the file, done out of order
         self.next_unfinished = 0
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.bytes_total = plan.bytes_to_read
-        self.bytes_read = 0
-        self.swept = 0
-        self.tensors_done = 0
-        self.started = time.perf_counter()
 
     def _items(self) -> Iterator[tuple[KeyPlan, int, int, bool]]:
         step = self.options.chunk_elements
@@ -166,67 +140,23 @@ class _Run:
                 stop = min(start + step, key.numel)
                 yield key, start, stop, stop == key.numel
 
-    def run(self) -> None:
-        # The engine parallelises across chunks; torch's own threads on top of that only contend.
-        # The loop makes no reference cycles, and collections would scan every chunk's views.
-        intra_op, collecting = torch.get_num_threads(), gc.isenabled()
-        torch.set_num_threads(1)
-        gc.disable()
-        try:
-            self._run()
-        finally:
-            torch.set_num_threads(intra_op)
-            if collecting:
-                gc.enable()
-
-    def _run(self) -> None:
-        threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.options.thread_count())]
-        for t in threads:
-            t.start()
-        while alive := [t for t in threads if t.is_alive()]:
-            alive[0].join(0.1)
-            if self.should_cancel is not None and not self.stop.is_set() and self.should_cancel():
-                self.error = self.error or MergeCancelled("the merge was cancelled")
-                self.stop.set()
-            self._report()
-        if self.error is not None:
-            raise self.error
-        self._report()
-
-    def _report(self) -> None:
-        if self.report is not None:
-            self.report(Progress(self.tensors_done, len(self.plan.keys), self.bytes_read, self.bytes_total,
-                                 time.perf_counter() - self.started))
-
-    def _work(self) -> None:
-        try:
-            accumulator = self._accumulator()
-            while not self.stop.is_set():
-                with self.lock:
-                    index, item = next(self.items, (None, None))
-                if item is None:
-                    return
-                key, start, stop, last = item
-                data = self._integer(key) if key.kind == "integer" else accumulator.sum_chunk(key, start, stop)
-                os.pwrite(self.fd, memoryview(data.numpy()), self.data_start + key.offset + start * ITEMSIZE[key.dtype])
-                with self.lock:
-                    self.bytes_read += sum(
-                        (stop - start) * ITEMSIZE[self.plan.inputs[t.input].checkpoint.tensors[t.key].dtype]
-                        for t in key.terms
-                    )
-                    self.tensors_done += last
-                    self._finished(index, self.data_start + key.offset + stop * ITEMSIZE[key.dtype])
-                    sweep = self.bytes_read - self.swept >= SWEEP_BYTES
-                    if sweep:
-                        self.swept = self.bytes_read
-                if sweep:  # mapped input pages count as RSS until unmapped
-                    for item in self.plan.inputs:
-                        item.checkpoint.release()
-                    start_writeback(self.fd)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+    def work(self, index: int) -> None:
+        accumulator = self._accumulator()
+        while not self.stop.is_set():
             with self.lock:
-                self.error = self.error or exc
-            self.stop.set()
+                number, item = next(self.items, (None, None))
+            if item is None:
+                return
+            key, start, stop, last = item
+            data = self._integer(key) if key.kind == "integer" else accumulator.sum_chunk(key, start, stop)
+            os.pwrite(self.fd, memoryview(data.numpy()), self.data_start + key.offset + start * ITEMSIZE[key.dtype])
+            with self.lock:
+                self._finished(number, self.data_start + key.offset + stop * ITEMSIZE[key.dtype])
+            self.advance(sum((stop - start) * ITEMSIZE[self.plan.inputs[t.input].checkpoint.tensors[t.key].dtype]
+                             for t in key.terms), last)
+
+    def after_sweep(self) -> None:
+        start_writeback(self.fd)
 
     def _finished(self, index: int, end: int) -> None:
         """Items finish nearly in order; the output is complete up to the first unfinished one."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TextIO
 
-from .execute import Progress
+from .passes import Progress
 
 
 class ProgressBar:

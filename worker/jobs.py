@@ -24,7 +24,8 @@ from app.models import Artifact, Job, Model, utcnow
 from app.runtime import Runtime
 from app.services.files import artifact_path, job_output_path
 from merge_engine.errors import MergeCancelled, ResolveError, SdmergeError
-from merge_engine.execute import ExecOptions, Progress, merge
+from merge_engine.execute import ExecOptions, merge
+from merge_engine.passes import Progress
 from merge_engine.plan import ResolvedModel, plan
 from merge_engine.recipe import ModelLeaf, parse_recipe
 
