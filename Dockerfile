@@ -11,7 +11,7 @@ COPY merge_engine ./merge_engine
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
-RUN pip install ".[service]" && useradd --create-home --uid 1000 sdmerge \
+RUN pip install ".[service,preview]" && useradd --create-home --uid 1000 sdmerge \
     && mkdir -p /data /models && chown sdmerge /data
 USER sdmerge
 ENV SDMERGE_DATA_DIR=/data SDMERGE_MODEL_ROOTS=/models

@@ -11,7 +11,7 @@ $(BIN)/sdmerge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[service,dev]"
+	$(BIN)/pip install -q -e ".[service,preview,dev]"
 	touch $@
 
 venv: $(BIN)/sdmerge

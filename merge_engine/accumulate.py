@@ -5,8 +5,8 @@ grow with the number of models or their size.
 
 On the CPU, sources are widened into a reused fp32 (or fp64) scratch buffer and then added:
 same-dtype adds on cache-resident buffers are several times faster than torch's mixed-dtype
-in-place add. On a GPU, sources are read into two pinned host buffers in turn, so reading the
-next source overlaps the copy of the previous one to the device; the sum stays on the device and
+in-place add. On a GPU, sources are read (positioned reads, no mapping) into two pinned host buffers in turn,
+so reading the next source overlaps the copy of the previous one to the device; the sum stays on the device and
 only the rounded result comes back.
 """
 
@@ -112,11 +112,10 @@ class DeviceAccumulator(CpuAccumulator):
             slot = j % 2
             if self.copied[slot] is not None:
                 self.copied[slot].synchronize()  # the pinned buffer's last copy has left
-            src = self.read(key, j, start, stop, self.pinned[slot])
+            # Positioned reads straight into pinned memory: no page faults, one DMA-able buffer.
+            src = self.plan.inputs[term.input].checkpoint.pread_into(term.key, start, stop, self.pinned[slot])
             nbytes = n * src.element_size()
             host = self.pinned[slot][:nbytes]
-            if src.data_ptr() != host.data_ptr():  # mapped or pickled inputs: into pinned memory first
-                host.view(src.dtype).copy_(src)
             on_device = self.on_device[slot][:nbytes]
             on_device.copy_(host, non_blocking=True)
             if self.copied[slot] is not None:

@@ -103,6 +103,18 @@ class Checkpoint:
         offset, nbytes = info.start + start * size, (stop - start) * size
         if offset % size == 0 and nbytes:
             return self._mapped()[offset:offset + nbytes].view(torch_dtype(info.dtype))
+        return self.pread_into(key, start, stop, staging)
+
+    def pread_into(self, key: str, start: int, stop: int, staging: torch.Tensor) -> torch.Tensor:
+        """Elements [start, stop) read with positioned reads into `staging` (uint8; pinned memory
+        for a fast copy to a GPU). No mapping: big reads beat page faults where faults are dear."""
+        info = self.tensors[key]
+        size = ITEMSIZE[info.dtype]
+        offset, nbytes = info.start + start * size, (stop - start) * size
+        if self._loaded is not None:
+            out = staging[:nbytes].view(torch_dtype(info.dtype))
+            out.copy_(self._loaded[key].reshape(-1)[start:stop])
+            return out
         view = memoryview(staging.numpy())[:nbytes]
         done = 0
         while done < nbytes:

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import __version__
 from .errors import RecipeError, SdmergeError
+from .preview.command import add_parser as add_preview_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hash", action="store_true", help="leave sha256 out of the report (no full-file hashing)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(handler=_analyze)
+
+    add_preview_parser(sub, roots)
 
     p = sub.add_parser("demo", help="write tiny SD2-shaped models and a recipe into DIR, then merge them")
     p.add_argument("dir", type=Path)

@@ -225,7 +225,7 @@ _CHUNK = 1 << 22  # elements generated at a time: memory stays flat whatever the
 
 
 def write_random(path: str | os.PathLike[str], specs: Mapping[str, TensorSpec], *, seed: int = 0,
-                 metadata: Mapping[str, str] | None = None) -> Path:
+                 metadata: Mapping[str, str] | None = None, device: str = "cpu") -> Path:
     """Write a safetensors file of random values for `specs`, tensor by tensor.
 
     Floats are F16 normal(0, 0.02) (rank-1 weights around 1); integer keys hold arange. Only
@@ -242,8 +242,8 @@ def write_random(path: str | os.PathLike[str], specs: Mapping[str, TensorSpec], 
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data section to 8 bytes
-    generator = torch.Generator().manual_seed(seed)
-    buffer = torch.empty(_CHUNK, dtype=torch.float16)
+    generator = torch.Generator(device).manual_seed(seed)  # a GPU draws gigabytes in milliseconds
+    buffer = torch.empty(_CHUNK, dtype=torch.float16, device=device)
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
@@ -259,13 +259,19 @@ def write_random(path: str | os.PathLike[str], specs: Mapping[str, TensorSpec], 
                 chunk.mul_(_STD)
                 if key.endswith(".weight") and len(spec.shape) == 1:
                     chunk.add_(1.0)
-                f.write(chunk.numpy().data)
+                f.write(chunk.cpu().numpy().data)
     os.replace(partial, path)  # no fsync: a benchmark cache needs no durability, only no torn file
     return path
 
 
 def write_full_size(path: str | os.PathLike[str], architecture: str = "sd2", seed: int = 0, *,
-                    variant: str = "normal") -> Path:
-    """A full-size fp16 checkpoint with the published shapes and random values (benchmarks)."""
-    return write_random(path, full_size_specs(architecture, variant=variant), seed=seed,
+                    variant: str = "normal", components: Iterable[str] | None = None,
+                    device: str = "cpu") -> Path:
+    """A full-size fp16 checkpoint with the published shapes and random values (benchmarks);
+    `components` limits it to those components (a text-encoder-only file, say)."""
+    specs = full_size_specs(architecture, variant=variant)
+    if components is not None:
+        prefixes = tuple(layout(architecture).prefixes[c] for c in components)
+        specs = {k: v for k, v in specs.items() if k.startswith(prefixes)}
+    return write_random(path, specs, seed=seed, device=device,
                         metadata={"sdmerge.synthetic": f"{architecture} {variant} seed {seed}"})

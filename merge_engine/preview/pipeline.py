@@ -1,0 +1,265 @@
+"""A loaded model for previews, whose weights are replaced in place, component by component.
+
+A preview target is a plan (a registered file is the plan of a one-model recipe). The modules
+are built once per architecture and shape; each component then carries a fingerprint of where
+its weights came from (the input files' sha256 and the exact weights), and a new target only
+rewrites the components whose fingerprint differs: swapping a text encoder leaves the UNet
+alone. Recipe weights are summed in memory with the merge engine's own accumulator, chunk by
+chunk, and rounded once to the recipe's output dtype, so a variant previewed in memory holds
+exactly the bytes the same recipe merged to disk would.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from merge_engine.accumulate import CpuAccumulator
+from merge_engine.architecture import layout
+from merge_engine.checkpoint import ITEMSIZE, torch_dtype
+from merge_engine.errors import CheckpointError, MergeCancelled
+from merge_engine.plan import KeyPlan, Plan
+from merge_engine.preview.models import ComponentModule, build_component, check_complete
+from merge_engine.preview.prompt import apply_emphasis, tokenize_weighted
+from merge_engine.preview.tokenizer import CLIPTokenizer, pad_token_for
+
+CHUNK = 1 << 20  # elements summed at a time for in-memory merges
+
+Fingerprint = tuple[Any, ...]
+
+
+def fingerprint(plan: Plan, component: str, exact_copy: bool) -> Fingerprint:
+    terms = tuple((plan.inputs[i].sha256, str(c)) for i, c in plan.components[component])
+    keys = [k for k in plan.keys if k.component == component]
+    shapes = tuple((k.key, k.shape) for k in keys)
+    return (component, terms, "native" if _stored_bytes(plan, keys, exact_copy) else plan.recipe.output.dtype,
+            hash(shapes))
+
+
+def _stored_bytes(plan: Plan, keys: list[KeyPlan], exact_copy: bool) -> bool:
+    """Whether the component's weights are its one input's stored bytes (see `_merged`)."""
+    return exact_copy or all(_is_copy(plan, key) for key in keys)
+
+
+def _is_copy(plan: Plan, key: KeyPlan) -> bool:
+    term = key.terms[0]
+    stored = plan.inputs[term.input].checkpoint.tensors[term.key].dtype
+    return key.kind == "integer" or (len(key.terms) == 1 and term.coefficient == 1 and stored == key.dtype)
+
+
+@dataclass
+class Conditioning:
+    context: torch.Tensor  # [tokens, channels] (several 77-token chunks concatenated)
+    pooled: torch.Tensor | None = None  # SDXL
+
+
+@dataclass
+class PreviewModel:
+    """Modules for one architecture on one device, in one dtype."""
+
+    architecture: str
+    device: torch.device
+    dtype: torch.dtype
+    modules: dict[str, ComponentModule] = field(default_factory=dict)
+    loaded: dict[str, Fingerprint] = field(default_factory=dict)
+    shapes: dict[str, Any] = field(default_factory=dict)
+    _text_cache: dict[tuple, Conditioning] = field(default_factory=dict)
+    _uploader: _Uploader | None = None
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def load(self, plan: Plan, *, exact_copy: bool = False,
+             should_cancel: Callable[[], bool] | None = None) -> list[str]:
+        """Make the modules hold `plan`'s weights; returns the components that were rewritten."""
+        if plan.architecture != self.architecture:
+            raise CheckpointError(f"a {plan.architecture} target cannot use {self.architecture} modules")
+        needed = [c for c in layout(self.architecture).prefixes if c in plan.components]
+        missing = [c for c in layout(self.architecture).prefixes if c not in plan.components]
+        if missing:
+            raise CheckpointError(f"a preview needs a full model; this target has no {', '.join(missing)}",
+                                  model=plan.recipe.name or plan.inputs[0].name, component=missing[0])
+        keys_of = {c: [k for k in plan.keys if k.component == c] for c in needed}
+        pooled_width = None
+        if self.architecture == "sdxl":
+            prefix = layout("sdxl").prefixes["text_encoder_2"]
+            pooled_width = next(k.shape[1] for k in keys_of["text_encoder_2"] if k.key == prefix + "text_projection")
+        changed = []
+        for component in needed:
+            stamp = fingerprint(plan, component, exact_copy)
+            if self.loaded.get(component) == stamp:
+                continue
+            if should_cancel and should_cancel():
+                raise MergeCancelled("preview cancelled")
+            self.loaded.pop(component, None)  # half-written weights must never pass for the old ones
+            self._write(plan, component, keys_of[component], exact_copy, pooled_width)
+            self.loaded[component] = stamp
+            if component.startswith("text_encoder"):
+                self._text_cache.clear()
+            changed.append(component)
+        return changed
+
+    def _write(self, plan: Plan, component: str, keys: list[KeyPlan], exact_copy: bool,
+               pooled_width: int | None) -> None:
+        prefix = layout(self.architecture).prefixes[component]
+        by_key = {k.key[len(prefix):]: k for k in keys}
+        model = plan.recipe.name or plan.inputs[plan.components[component][0][0]].name
+        check_complete(self.architecture, component, set(by_key), model)
+        shapes = {k: p.shape for k, p in by_key.items()}
+        if self.shapes.get(component) != shapes:
+            self.loaded.pop(component, None)
+            built = build_component(self.architecture, component, shapes, pooled_width=pooled_width, model=model)
+            dtype = torch.float32 if self._upcast(component, built) else self.dtype
+            built.module.to(dtype).to_empty(device=self.device).eval().requires_grad_(False)
+            if any(True for _ in built.module.buffers()):
+                raise CheckpointError(f"the {component} module has buffers the checkpoint cannot fill")
+            self.modules[component], self.shapes[component] = built, shapes
+        accumulator = CpuAccumulator(plan, torch.float64 if plan.recipe.output.accumulate == "fp64" else torch.float32,
+                                     CHUNK, plan.recipe.output.non_finite == "error")
+        staging = torch.empty(CHUNK * 8, dtype=torch.uint8)
+        if self.device.type == "cuda" and self._uploader is None:
+            self._uploader = _Uploader(self.device)  # pinned memory is slow to allocate: once
+        uploader = self._uploader
+        try:
+            with torch.no_grad():
+                for source, param in self.modules[component].targets():
+                    key = by_key[source]
+                    if uploader and (exact_copy or _is_copy(plan, key)):
+                        term = key.terms[0]
+                        uploader.copy(plan.inputs[term.input].checkpoint, term.key, param)
+                    else:
+                        param.copy_(_merged(plan, key, accumulator, staging, exact_copy).view(param.shape))
+                if uploader:
+                    uploader.finish()
+        except BaseException:
+            if uploader:
+                uploader.abort()
+            raise
+        for item in plan.inputs:
+            item.checkpoint.release()
+
+    def _upcast(self, component: str, built: ComponentModule) -> bool:
+        """The SDXL VAE overflows in fp16; it decodes in fp32 like diffusers' force_upcast."""
+        return component == "vae" and self.dtype == torch.float16 and built.settings["config"].get("force_upcast", False)
+
+    # -- text ----------------------------------------------------------------------------------
+
+    def encode(self, prompt: str, tokenizer: CLIPTokenizer) -> Conditioning:
+        """A prompt's conditioning: emphasis applied per 77-token chunk, chunks concatenated."""
+        cached = self._text_cache.get((prompt,))
+        if cached is not None:
+            return cached
+        chunks = tokenize_weighted(prompt, tokenizer)
+        contexts, pooled = [], None
+        encoders = [c for c in ("text_encoder", "text_encoder_2") if c in self.modules]
+        for chunk in chunks:
+            parts = []
+            for component in encoders:
+                cm = self.modules[component]
+                window = chunk.window(pad_token_for(self.architecture, component))
+                ids = torch.tensor([window.tokens], device=self.device)
+                weights = torch.tensor([window.weights], device=self.device)
+                settings = cm.settings
+                with torch.no_grad():
+                    z, pool = cm.module(ids, layer=settings["layer"], final_norm=settings["final_norm"],
+                                        **({"pooled": True} if settings["pooled"] else {}))
+                parts.append(apply_emphasis(z.float(), weights))
+                if pool is not None and pooled is None:
+                    pooled = pool[0].float()  # the first chunk's pooled vector, as the WebUI does
+            contexts.append(torch.cat(parts, dim=-1)[0])
+        result = Conditioning(torch.cat(contexts, dim=0), pooled)
+        self._text_cache[(prompt,)] = result
+        return result
+
+
+def _merged(plan: Plan, key: KeyPlan, accumulator: CpuAccumulator, staging: torch.Tensor,
+            exact_copy: bool) -> torch.Tensor:
+    """The whole tensor for `key`: the stored tensor for an exact copy, else the engine's sum."""
+    term = key.terms[0]
+    if exact_copy or _is_copy(plan, key):
+        # The stored tensor itself; for a one-term recipe of the same dtype the engine's widen
+        # and round would give back these very bytes.
+        checkpoint = plan.inputs[term.input].checkpoint
+        info = checkpoint.tensors[term.key]
+        if info.numel * 8 > staging.numel():
+            staging = torch.empty(info.numel * 8, dtype=torch.uint8)
+        return checkpoint.read_into(term.key, 0, info.numel, staging)
+    out = torch.empty(key.numel, dtype=torch_dtype(key.dtype))
+    flat = out.view(torch.uint8)
+    size = out.element_size()
+    for start in range(0, key.numel, CHUNK):
+        stop = min(start + CHUNK, key.numel)
+        flat[start * size: stop * size] = accumulator.sum_chunk(key, start, stop)
+    return out
+
+
+
+class _Uploader:
+    """Stored tensors to GPU parameters. Reader threads fill pinned slots with positioned reads
+    (reads from the page cache scale with threads); this thread queues each filled slot's copy to
+    the device, in order, straight into the parameter or through a device buffer for a cast. A
+    slot is refilled only after its copy has left."""
+
+    SLOT = 32 << 20
+    READERS = 4
+
+    def __init__(self, device: torch.device):
+        self.pinned = [torch.empty(self.SLOT, dtype=torch.uint8, pin_memory=True) for _ in range(2 * self.READERS)]
+        self.on_device = torch.empty(self.SLOT, dtype=torch.uint8, device=device)  # stream order guards it
+        self.copied: list[torch.cuda.Event | None] = [None] * len(self.pinned)
+        self.free = deque(range(len(self.pinned)))
+        self.pending: deque = deque()
+        self.pool = ThreadPoolExecutor(self.READERS, thread_name_prefix="upload")
+
+    def copy(self, checkpoint, key: str, param: torch.Tensor) -> None:
+        info = checkpoint.tensors[key]
+        step = self.SLOT // ITEMSIZE[info.dtype]
+        flat = param.view(-1)
+        for start in range(0, info.numel, step):
+            stop = min(start + step, info.numel)
+            slot = self._take()
+            read = self.pool.submit(checkpoint.pread_into, key, start, stop, self.pinned[slot])
+            self.pending.append((read, slot, flat[start:stop]))
+            if len(self.pending) > self.READERS:
+                self._send()
+
+    def _take(self) -> int:
+        while not self.free:
+            self._send()
+        slot = self.free.popleft()
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()  # that buffer's last copy has left
+        return slot
+
+    def _send(self) -> None:
+        read, slot, target = self.pending.popleft()
+        host = read.result()
+        if host.dtype == target.dtype:
+            target.copy_(host, non_blocking=True)
+        else:
+            staged = self.on_device[: host.numel() * host.element_size()]
+            staged.copy_(self.pinned[slot][: staged.numel()], non_blocking=True)
+            target.copy_(staged.view(host.dtype))  # the cast, on the GPU
+        event = torch.cuda.Event()
+        event.record()
+        self.copied[slot] = event
+        self.free.append(slot)
+
+    def abort(self) -> None:
+        """Drop what is queued (after its reads end: they write into our pinned buffers)."""
+        while self.pending:
+            read, slot, _ = self.pending.popleft()
+            try:
+                read.result()
+            except Exception:
+                pass
+            self.free.append(slot)
+
+    def finish(self) -> None:
+        while self.pending:
+            self._send()
+        torch.cuda.synchronize()
