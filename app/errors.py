@@ -44,6 +44,19 @@ class PayloadTooLarge(SdmergeError):
     code = "payload_too_large"
 
 
+class InvalidAnalysis(SdmergeError):
+    """An analysis request the engine would refuse (too few models, unknown component or metric);
+    the same code as the engine's own `AnalysisError`, which the API cannot import (torch)."""
+
+    code = "invalid_analysis"
+
+
+class InvalidPreview(SdmergeError):
+    """A preview request without targets, or with a target that is not a model, merge or recipe."""
+
+    code = "invalid_preview"
+
+
 class BadRequest(SdmergeError):
     code = "bad_request"
 
@@ -61,6 +74,9 @@ STATUS_BY_CODE = {
     "non_finite": 422,
     "invalid_request": 422,
     "path_not_allowed": 422,
+    "invalid_analysis": 422,
+    "invalid_preview": 422,
+    "invalid_options": 422,
     "cancelled": 409,
     "conflict": 409,
     "model_not_ready": 409,

@@ -9,7 +9,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.auth import BearerTokenMiddleware
 from app.errors import install_error_handlers
-from app.routes import artifacts, merges, models, system
+from app.routes import analyses, artifacts, merges, models, previews, system
 from app.runtime import make_runtime
 from app.settings import Settings, get_settings
 from merge_engine import __version__
@@ -24,11 +24,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime.close()
 
     app = FastAPI(title="sdmerge", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
-                  description="Streaming N-way Stable Diffusion checkpoint merges: registry, jobs, artifacts.")
+                  description="Streaming N-way Stable Diffusion checkpoint merges: registry, jobs, artifacts, "
+                              "analyses, previews.")
     app.state.runtime = runtime
     install_error_handlers(app)
     app.add_middleware(BearerTokenMiddleware, token=runtime.settings.api_token)
-    for module in (system, models, merges, artifacts):
+    for module in (system, models, merges, artifacts, analyses, previews):
         app.include_router(module.router)
     app.mount(system.DOCS_ASSETS, StaticFiles(directory=_swagger_ui_dir()), name="docs-assets")
     return app

@@ -1,12 +1,14 @@
-"""SQL rows: registered checkpoints, merge jobs and their artifacts. The job row is the truth.
+"""SQL rows: registered checkpoints, merge jobs and their artifacts, analyses and previews.
 
+A merge job, an analysis and a preview are each leased work (`Leased`): the row is the truth,
+and one lease, heartbeat and finish code (worker/lease.py) runs all three tables.
 Times are naive UTC so SQLite and Postgres compare them the same way (lease expiry, reaper).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -61,13 +63,39 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Job(Base):
+class Leased:
+    """The columns of work a worker leases: status, progress, cancel flag, lease, attempts, times.
+
+    `kind` names the work in task routing and in partial-file names (`<kind>-<id>-<owner>.`)."""
+
+    kind: ClassVar[str]
+
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    progress: Mapped[dict[str, Any] | None]
+    error: Mapped[dict[str, Any] | None]
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    dispatched_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    @classmethod
+    def end_values(cls, status: str) -> dict[str, Any]:
+        """Extra columns set when the work ends in `status` (cancelled at once, reaped, finished)."""
+        return {}
+
+
+class Job(Leased, Base):
     """One execution of a canonical recipe (leaves named by sha256), leased by one worker at a time."""
 
     __tablename__ = "jobs"
+    kind = "job"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     name: Mapped[str | None] = mapped_column(String(200))
     recipe: Mapped[dict[str, Any]]
     recipe_hash: Mapped[str] = mapped_column(String(64), index=True)
@@ -76,16 +104,35 @@ class Job(Base):
     live_recipe_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
     architecture: Mapped[str | None] = mapped_column(String(32))
     output_size: Mapped[int | None] = mapped_column(BigInteger)
-    progress: Mapped[dict[str, Any] | None]
-    error: Mapped[dict[str, Any] | None]
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    lease_owner: Mapped[str | None] = mapped_column(String(128))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
     artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
     artifact: Mapped[Artifact | None] = relationship(lazy="joined")
-    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    dispatched_at: Mapped[datetime | None]
-    started_at: Mapped[datetime | None]
-    finished_at: Mapped[datetime | None]
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    @classmethod
+    def end_values(cls, status: str) -> dict[str, Any]:
+        return {} if status == "succeeded" else {"live_recipe_hash": None}
+
+
+class Analysis(Leased, Base):
+    """Distances between registered models per component. `request` holds the resolved models
+    (id, name, sha256), the base, components and metrics; the report lands in
+    `artifacts/analyses/<id>/` when it succeeds."""
+
+    __tablename__ = "analyses"
+    kind = "analysis"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request: Mapped[dict[str, Any]]
+    architecture: Mapped[str | None] = mapped_column(String(32))
+
+
+class Preview(Leased, Base):
+    """Images sampled from models, merge outputs or unmaterialised recipes. `request` holds the
+    resolved targets (label, canonical recipe, model name) and the sampling; `result` lists the
+    images written to `artifacts/previews/<id>/` once it succeeds."""
+
+    __tablename__ = "previews"
+    kind = "preview"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request: Mapped[dict[str, Any]]
+    result: Mapped[dict[str, Any] | None]

@@ -83,3 +83,47 @@ class JobOut(_Out):
 class Page(BaseModel, Generic[T]):
     items: list[T]
     next: str | None = Field(description="cursor for the next page, or null at the end")
+
+
+class LeasedOut(_Out):
+    """What every kind of leased work shows: analyses and previews (merge jobs: `JobOut`)."""
+
+    id: int
+    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    progress: dict[str, Any] | None
+    error: dict[str, Any] | None
+    cancel_requested: bool
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class AnalysisOut(LeasedOut):
+    models: list[dict[str, Any]] = Field(description="{id, name, sha256} of each model, in request order")
+    base: dict[str, Any] | None
+    components: list[str]
+    metrics: list[str]
+    architecture: str | None
+    files: dict[str, Any] | None = Field(description="once succeeded: heatmap and map URLs per component")
+    result: dict[str, Any] | None = Field(
+        description="once succeeded, in GET /analyses/{id}: the report (analysis.json): per component "
+                    "the N x N matrices of each metric, norms, outliers, identical groups, UNet blocks")
+
+
+class PreviewImageOut(BaseModel):
+    index: int
+    url: str
+    target_index: int
+    prompt_index: int
+    seed: int
+    infotext: str = Field(description="A1111 generation parameters, also in the PNG's `parameters` text chunk")
+
+
+class PreviewOut(LeasedOut):
+    targets: list[dict[str, Any]] = Field(description="label (the grid's column header), model_name, source "
+                                                      "and the canonical recipe of each target")
+    sampling: dict[str, Any]
+    grid: str | None = Field(description="once succeeded, the grid's URL (null for a single image)")
+    images: list[PreviewImageOut] = Field(description="once succeeded; in order target, prompt, seed")
+    seconds: float | None = None

@@ -1,48 +1,43 @@
-"""The reaper: jobs whose lease lapsed (crashed worker) or whose message was lost are sent again.
+"""The reaper: leased work (merge jobs, analyses, previews) whose lease lapsed (crashed worker)
+or whose message was lost is sent again; so are hashing models.
 
 It runs in every worker. Each re-dispatch is an UPDATE guarded by the state it saw, so several
-reapers at once send a job once; and a duplicate message is harmless since claims are atomic.
+reapers at once send a row once; and a duplicate message is harmless since claims are atomic.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
 
 from app.dispatch import enqueue
-from app.models import Job, Model, utcnow
+from app.models import Analysis, Job, Leased, Model, Preview, utcnow
 from app.runtime import Runtime
 from app.services.files import clean_partials
-from worker.celery_app import HASH_TASK, MERGE_TASK
+from worker.celery_app import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK
 
 log = logging.getLogger(__name__)
-# A queued job or hashing model whose message may have been lost is re-sent after this many
-# lease lengths; waiting behind other jobs for that long only costs a duplicate no-op message.
+# A queued row or hashing model whose message may have been lost is re-sent after this many
+# lease lengths; waiting behind other work for that long only costs a duplicate no-op message.
 RESEND_AFTER_LEASES = 10
+LEASED_TASKS: dict[type[Leased], str] = {Job: MERGE_TASK, Analysis: ANALYSIS_TASK, Preview: PREVIEW_TASK}
 
 
 def reap(runtime: Runtime) -> dict[str, list[int]]:
+    """One pass. The report's keys are `cancelled`, `requeued`, `resent` for merge jobs, the
+    same prefixed by `analysis_` and `preview_` for those tables, and `rehash` for models."""
     now = utcnow()
     resend_before = now - timedelta(seconds=runtime.settings.job_lease_seconds * RESEND_AFTER_LEASES)
-    expired = and_(Job.status == "running", Job.lease_expires_at < now)
-    report: dict[str, list[int]] = {"cancelled": [], "requeued": [], "resent": [], "rehash": []}
+    report: dict[str, list[int]] = {}
     with runtime.sessions.begin() as session:
-        report["cancelled"] = list(session.scalars(
-            update(Job).where(expired, Job.cancel_requested.is_(True))
-            .values(status="cancelled", finished_at=now, live_recipe_hash=None, lease_owner=None,
-                    lease_expires_at=None).returning(Job.id)))
-        report["requeued"] = list(session.scalars(
-            update(Job).where(expired).values(status="queued", lease_owner=None, lease_expires_at=None,
-                                              dispatched_at=now).returning(Job.id)))
-        report["resent"] = list(session.scalars(
-            update(Job).where(Job.status == "queued",
-                              or_(Job.dispatched_at.is_(None), Job.dispatched_at < resend_before))
-            .values(dispatched_at=now).returning(Job.id)))
-        for job_id in report["requeued"] + report["resent"]:
-            enqueue(session, MERGE_TASK, job_id)
+        for table, task in LEASED_TASKS.items():
+            prefix = "" if table is Job else f"{table.kind}_"
+            for name, ids in _reap_table(session, table, task, now, resend_before).items():
+                report[prefix + name] = ids
         report["rehash"] = list(session.scalars(
             update(Model).where(Model.status == "hashing",
                                 or_(Model.dispatched_at.is_(None), Model.dispatched_at < resend_before))
@@ -51,16 +46,40 @@ def reap(runtime: Runtime) -> dict[str, list[int]]:
             enqueue(session, HASH_TASK, model_id)
     if any(report.values()):
         log.warning("reaper: %s", {k: v for k, v in report.items() if v})
-    if report["requeued"] or report["cancelled"]:
+    if any(ids for name, ids in report.items() if name.endswith(("requeued", "cancelled"))):
         clean_tmp(runtime)  # the partial files of the attempts whose lease lapsed
     return report
 
 
-def live_leases(runtime: Runtime) -> set[tuple[int, str]]:
+def _reap_table(session: Session, table: type[Leased], task: str, now: datetime,
+                resend_before: datetime) -> dict[str, list[int]]:
+    expired = and_(table.status == "running", table.lease_expires_at < now)
+    found = {}
+    found["cancelled"] = list(session.scalars(
+        update(table).where(expired, table.cancel_requested.is_(True))
+        .values(status="cancelled", finished_at=now, lease_owner=None, lease_expires_at=None,
+                **table.end_values("cancelled")).returning(table.id)))
+    found["requeued"] = list(session.scalars(
+        update(table).where(expired).values(status="queued", lease_owner=None, lease_expires_at=None,
+                                            dispatched_at=now).returning(table.id)))
+    found["resent"] = list(session.scalars(
+        update(table).where(table.status == "queued",
+                            or_(table.dispatched_at.is_(None), table.dispatched_at < resend_before))
+        .values(dispatched_at=now).returning(table.id)))
+    for row_id in found["requeued"] + found["resent"]:
+        enqueue(session, task, row_id)
+    return found
+
+
+def live_leases(runtime: Runtime) -> set[tuple[str, int, str]]:
+    """(kind, id, owner) of every lease still running, whatever the table."""
+    leases = set()
     with runtime.sessions() as session:
-        rows = session.execute(select(Job.id, Job.lease_owner).where(
-            Job.status == "running", Job.lease_expires_at >= utcnow()))
-        return {(job_id, owner) for job_id, owner in rows}
+        for table in LEASED_TASKS:
+            rows = session.execute(select(table.id, table.lease_owner).where(
+                table.status == "running", table.lease_expires_at >= utcnow()))
+            leases |= {(table.kind, row_id, owner) for row_id, owner in rows}
+    return leases
 
 
 def clean_tmp(runtime: Runtime) -> None:

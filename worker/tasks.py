@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 from celery import shared_task
 
 from app.runtime import Runtime, make_runtime
 from app.settings import get_settings
-from worker.celery_app import HASH_TASK, MERGE_TASK
+from worker.analyses import run_analysis
+from worker.celery_app import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK
 from worker.hashing import hash_model
 from worker.jobs import run_merge_job
+from worker.previews import run_preview
+
+# What each task runs, given the process's runtime and the row id (tests run these directly).
+HANDLERS: dict[str, Callable[[Runtime, int], Any]] = {
+    MERGE_TASK: run_merge_job,
+    HASH_TASK: lambda runtime, model_id: hash_model(runtime.sessions, model_id),
+    ANALYSIS_TASK: run_analysis,
+    PREVIEW_TASK: run_preview,
+}
 
 
 @lru_cache(maxsize=1)
@@ -26,3 +38,13 @@ def merge_task(job_id: int) -> None:
 @shared_task(name=HASH_TASK)
 def hash_model_task(model_id: int) -> None:
     hash_model(worker_runtime().sessions, model_id)
+
+
+@shared_task(name=ANALYSIS_TASK)
+def analysis_task(analysis_id: int) -> None:
+    run_analysis(worker_runtime(), analysis_id)
+
+
+@shared_task(name=PREVIEW_TASK)
+def preview_task(preview_id: int) -> None:
+    run_preview(worker_runtime(), preview_id)

@@ -41,7 +41,8 @@ async def list_merges(db: DbDep, status: str | None = None, cursor: str | None =
 
 @router.get("/{job_id}", response_model=JobOut)
 async def get_merge(job_id: int, db: DbDep):
-    return await db.run(merges.get_job, job_id)
+    # The status poll, the hottest request: one read, JSON made once (see `merges.job_json`).
+    return Response(await db.read(merges.job_json, job_id), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, status_code=202)

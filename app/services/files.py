@@ -18,6 +18,9 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._\- ]{1,255}")
 # A safetensors file begins with its header length and then `{`; torch pickles are zip files.
 ZIP_MAGIC = b"PK\x03\x04"
 UPLOAD_PARTIAL_GRACE_SECONDS = 600
+# A leased attempt's partial file or folder in tmp/: <kind>-<id>-<lease owner>.…partial
+PARTIAL_NAME = re.compile(r"(job|analysis|preview)-(\d+)-([0-9a-f]+)\.")
+RESULT_FOLDERS = {"analysis": "analyses", "preview": "previews"}  # under artifacts/
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -67,13 +70,35 @@ def job_output_path(settings: Settings, job_id: int, owner: str) -> Path:
     return settings.tmp_dir / f"job-{job_id}-{owner}.safetensors.partial"
 
 
-def clean_partials(settings: Settings, live_leases: set[tuple[int, str]]) -> list[Path]:
-    """Remove leftovers of crashed attempts and uploads; keep those of leases still running."""
+def staging_dir(settings: Settings, kind: str, row_id: int, owner: str) -> Path:
+    """A folder one attempt of an analysis or preview writes into: unique per lease."""
+    return settings.tmp_dir / f"{kind}-{row_id}-{owner}.partial"
+
+
+def result_dir(settings: Settings, kind: str, row_id: int) -> Path:
+    """Where a finished analysis or preview's files are, e.g. `artifacts/analyses/7/`. It appears
+    by one rename of a complete staging folder, done only by the holder of the row's lease."""
+    return settings.artifact_dir / RESULT_FOLDERS[kind] / str(row_id)
+
+
+
+def publish_dir(staged: Path, target: Path) -> None:
+    """Move a complete folder into place at once. A folder already there is a leftover of an
+    attempt whose result was never recorded (nobody reads it), so it is replaced."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staged, target)
+
+
+def clean_partials(settings: Settings, live_leases: set[tuple[str, int, str]]) -> list[Path]:
+    """Remove leftovers of crashed attempts and uploads; keep those of leases still running
+    (`live_leases` holds (kind, id, owner): kind `job`, `analysis` or `preview`)."""
     removed = []
     now = time.time()
     for entry in settings.tmp_dir.glob("*.partial"):
-        match = re.search(r"job-(\d+)-([0-9a-f]+)\.", entry.name)
-        if match and (int(match[1]), match[2]) in live_leases:
+        match = PARTIAL_NAME.search(entry.name)  # also the engine's own `.job-….partial.<pid>….partial`
+        if match and (match[1], int(match[2]), match[3]) in live_leases:
             continue
         try:
             if not match and now - _last_write(entry) < UPLOAD_PARTIAL_GRACE_SECONDS:
@@ -86,6 +111,7 @@ def clean_partials(settings: Settings, live_leases: set[tuple[int, str]]) -> lis
         except FileNotFoundError:
             pass
     return removed
+
 
 
 def _last_write(entry: Path) -> float:

@@ -11,14 +11,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.dispatch import enqueue
-from app.errors import Conflict, NotFound
-from app.models import Job, utcnow
-from app.services import registry
+from app.errors import NotFound
+from app.models import Artifact, Job, utcnow
+from app.schemas import ArtifactOut, JobOut
+from app.services import leased, registry
 from merge_engine.a1111 import apply_resolution, convert_a1111, is_a1111_metadata
 from merge_engine.errors import RecipeError, ResolveError
 from merge_engine.plan import ResolvedModel, plan
@@ -124,34 +125,39 @@ def _live_job(session: Session, recipe_hash: str) -> Job | None:
 
 
 def get_job(session: Session, job_id: int) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
+    return leased.get_row(session, Job, job_id)
+
+
+# GET /merges/{id}, the status poll: one indexed SELECT of JobOut's columns (the artifact's by a
+# left join) on a plain connection: no session, no ORM objects. JobOut still shapes the JSON, so
+# the bytes are those the response model makes of `get_job`'s row.
+_JOB_FIELDS = tuple(name for name in JobOut.model_fields if name != "artifact")
+_ARTIFACT_FIELDS = tuple(ArtifactOut.model_fields)
+_JOBS, _ARTIFACTS = Job.__table__, Artifact.__table__
+_JOB_BY_ID = (
+    select(*(_JOBS.c[name] for name in _JOB_FIELDS), *(_ARTIFACTS.c[name] for name in _ARTIFACT_FIELDS))
+    .select_from(_JOBS.outerjoin(_ARTIFACTS, _ARTIFACTS.c.id == _JOBS.c.artifact_id))
+    .where(_JOBS.c.id == bindparam("job_id"))
+)
+
+
+def job_json(connection: Connection, job_id: int) -> bytes:
+    """`JobOut`'s JSON for one job, or NotFound as from `get_job`."""
+    row = connection.execute(_JOB_BY_ID, {"job_id": job_id}).first()
+    if row is None:
         raise NotFound("no such merge job", details={"id": job_id})
-    return job
+    split = len(_JOB_FIELDS)
+    job = dict(zip(_JOB_FIELDS, row[:split], strict=True))
+    artifact = row[split:]
+    job["artifact"] = dict(zip(_ARTIFACT_FIELDS, artifact, strict=True)) if artifact[0] is not None else None
+    return JobOut.model_validate(job).model_dump_json()
 
 
 def list_jobs(session: Session, *, status: str | None = None, before: int | None = None,
               limit: int = 50) -> list[Job]:
-    """Newest first; `before` is the cursor (the last id of the previous page)."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit)
-    if status:
-        query = query.where(Job.status == status)
-    if before is not None:
-        query = query.where(Job.id < before)
-    return list(session.scalars(query))
+    return leased.list_rows(session, Job, status=status, before=before, limit=limit)
 
 
 def cancel(session: Session, job_id: int) -> Job:
-    """A queued job is cancelled at once; a running one is flagged and its worker stops it
-    between tensors (its partial file is removed). Finished jobs cannot be cancelled. Each
-    step is one guarded UPDATE, so a worker claiming the job at the same moment cannot slip by."""
-    queued = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=utcnow(), live_recipe_hash=None))
-    changed = queued.rowcount or session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True)).rowcount
-    job = get_job(session, job_id)
-    session.refresh(job)
-    if not changed:
-        raise Conflict(f"job is already {job.status}", details={"id": job_id, "status": job.status})
-    return job
+    """See `leased.cancel`; a cancelled job stops deduplicating its recipe."""
+    return leased.cancel(session, Job, job_id)

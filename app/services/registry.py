@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from sqlalchemy import func, or_, select
@@ -180,6 +180,23 @@ def _by_sha256(session: Session, prefix: str, ref: str) -> Model:
         hint = f" ({hashing} models are still hashing)" if hashing else ""
         raise ResolveError(f"no registered model has this sha256{hint}", model=ref)
     return models[0]
+
+
+def find_ready(session: Session, refs: Sequence[str]) -> list[Model]:
+    """Ready models for references (id, name or `sha256:<hex>`), in order. Every reference that
+    names no model is listed in one 422 (`details.unresolved`), as for a recipe's leaves; a model
+    still hashing is a 409."""
+    found, unresolved = [], []
+    for ref in refs:
+        try:
+            found.append(require_ready(find(session, ref), ref))
+        except ResolveError as exc:
+            unresolved.append({"leaf": ref, "reason": exc.message})
+    if unresolved:
+        names = ", ".join(u["leaf"] for u in unresolved)
+        raise ResolveError(f"{len(unresolved)} model(s) not found in the registry: {names}",
+                           model=unresolved[0]["leaf"], details={"unresolved": unresolved})
+    return found
 
 
 def find_leaf(session: Session, sha256: str | None, name: str | None) -> Model | None:

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, text
 from app.db import normalize_url
 from app.settings import settings_from_env
 
-SERVICE_TABLES = ("jobs", "artifacts", "models")
+SERVICE_TABLES = ("jobs", "artifacts", "models", "analyses", "previews")
 SEEDS = (1, 2, 3, 4)
 # Eight tiny SDXL inputs averaged in fp64 take a few tenths of a second: long enough to cancel
 # or kill a merge midway (the engine checks for a cancel every 0.1 s).
@@ -156,12 +156,8 @@ def runtime(client):
 def run_tasks(runtime):
     """Play the worker: take every message off the broker's queues and run it with the real
     task code, until the queues are empty. Returns the task names run, in order."""
-    from worker.celery_app import HASH_TASK, MERGE_TASK, QUEUES
-    from worker.hashing import hash_model
-    from worker.jobs import run_merge_job
-
-    handlers = {MERGE_TASK: lambda job_id: run_merge_job(runtime, job_id),
-                HASH_TASK: lambda model_id: hash_model(runtime.sessions, model_id)}
+    from worker.celery_app import QUEUES
+    from worker.tasks import HANDLERS
 
     def drain() -> list[str]:
         ran = []
@@ -179,7 +175,7 @@ def run_tasks(runtime):
                         queue.close()
                     args, _kwargs, _embed = message.payload
                     task = message.headers["task"]
-                    handlers[task](*args)
+                    HANDLERS[task](runtime, *args)
                     message.ack()
                     ran.append(task)
                     progress = True

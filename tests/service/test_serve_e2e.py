@@ -1,6 +1,7 @@
 """`sdmerge serve` as a real process: API + child worker on the embedded SQLite and filesystem
 broker. Register, merge, poll, download with Range, compare with the CLI byte for byte,
-resubmit, cancel, docs offline; and every process it started is gone afterwards."""
+resubmit, cancel, an analysis and a preview, docs offline; and every process it started is
+gone afterwards."""
 
 from __future__ import annotations
 
@@ -97,3 +98,17 @@ def test_serve_end_to_end(served, tmp_path, model_root):
     data = tmp_path / "data"
     wait_for(lambda: not list((data / "tmp").iterdir()), 15, "partial files to be removed")
     assert len(list((data / "artifacts").rglob("*.safetensors"))) == 2
+
+    # Analyses (merge queue) and previews (preview queue) run in the same embedded worker.
+    analysis = client.post("/analyses", json={"models": ["a", "b"], "components": ["text_encoder"]})
+    preview = client.post("/previews", json={"targets": ["a", {"merge": job["id"]}], "prompts": ["a cube"],
+                                             "steps": 2, "width": 64, "height": 64})
+    assert (analysis.status_code, preview.status_code) == (202, 202), (analysis.text, preview.text)
+    for url in (f"/analyses/{analysis.json()['id']}", f"/previews/{preview.json()['id']}"):
+        done = wait_for(lambda url=url: (row := client.get(url).json())["status"] not in ("queued", "running") and row,
+                        120, f"{url} to finish")
+        assert done["status"] == "succeeded", done
+    picture = client.get(f"/analyses/{analysis.json()['id']}/heatmap-text_encoder.png")
+    grid = client.get(f"/previews/{preview.json()['id']}/grid.png")
+    assert picture.content[:8] == grid.content[:8] == b"\x89PNG\r\n\x1a\n"
+    wait_for(lambda: not list((data / "tmp").iterdir()), 15, "staging folders to be removed")

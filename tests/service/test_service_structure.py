@@ -17,6 +17,23 @@ def test_importing_the_app_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, env=service_env())
 
 
+def test_the_api_copy_of_the_analysis_metrics_is_the_engines():
+    from app.services.analyses import METRICS
+    from merge_engine.analysis import METRICS as ENGINE_METRICS
+
+    assert METRICS == ENGINE_METRICS
+
+
+def test_every_leased_table_is_reaped_and_has_a_task():
+    from app.models import Base, Leased
+    from worker.reaper import LEASED_TASKS
+    from worker.tasks import HANDLERS
+
+    leased = {mapper.class_ for mapper in Base.registry.mappers if issubclass(mapper.class_, Leased)}
+    assert set(LEASED_TASKS) == leased
+    assert set(LEASED_TASKS.values()) <= set(HANDLERS)
+
+
 def test_the_engine_never_imports_the_service():
     code = ("import sys, merge_engine.cli, merge_engine.plan, merge_engine.execute; "
             "bad = [m for m in sys.modules if m.split('.')[0] in "
@@ -60,7 +77,7 @@ def test_db_upgrade_command_works_from_any_directory(tmp_path):
     assert result.returncode == 0, result.stderr
     tables = create_engine(f"sqlite:///{tmp_path / 'data' / 'sdmerge.db'}").connect().exec_driver_sql(
         "SELECT name FROM sqlite_master WHERE type='table'").scalars().all()
-    assert {"models", "jobs", "artifacts", "alembic_version"} <= set(tables)
+    assert {"models", "jobs", "artifacts", "analyses", "previews", "alembic_version"} <= set(tables)
 
 
 def test_serve_refuses_a_public_bind_without_a_token(tmp_path):

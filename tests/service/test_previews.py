@@ -1,0 +1,150 @@
+"""Preview jobs through the API with the real worker code and the real preview engine, on tiny
+SD2 checkpoints at 64x64 and 4 steps: models, merge outputs, recipes, text-encoder sweeps,
+bad requests, cancel."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.conftest import data_files
+from tests.service.test_analyses import PNG_SIGNATURE, png_size
+
+TINY = {"prompts": ["a red cube"], "seeds": [1], "steps": 4, "width": 64, "height": 64}
+
+
+@pytest.fixture
+def sd2_models(ready_model):
+    return [ready_model(f"sd2-{seed}.safetensors", name) for seed, name in ((1, "a"), (2, "b"), (3, "c"))]
+
+
+def preview_queue_size(runtime) -> int:
+    with runtime.celery.connection_for_read() as connection:
+        queue = connection.SimpleQueue("preview")
+        try:
+            return queue.qsize()
+        finally:
+            queue.close()
+
+
+def test_preview_of_a_model_a_merge_and_a_recipe(client, run_tasks, runtime, sd2_models, settings):
+    a, b, _ = sd2_models
+    merge = client.post("/merges", json={"merge": {"method": "uniform", "models": ["a", "b"]}}).json()
+    run_tasks()
+    body = {**TINY, "targets": ["a", {"merge": merge["id"]},
+                                {"recipe": {"name": "mix", "merge": {"method": "uniform", "models": ["a", "c"]}}}]}
+    response = client.post("/previews", json=body)
+    assert response.status_code == 202, response.text
+    queued = response.json()
+    assert queued["status"] == "queued" and queued["progress"] == {"images_done": 0, "images_total": 3}
+    assert [t["label"] for t in queued["targets"]] == ["a", f"merge #{merge['id']}", "mix"]
+    assert queued["targets"][1]["recipe"]["merge"]["sha256"] == client.get(f"/merges/{merge['id']}").json()["artifact"]["sha256"]
+    assert preview_queue_size(runtime) == 1  # routed to the preview queue
+    assert run_tasks() == ["sdmerge.preview"]
+
+    done = client.get(f"/previews/{queued['id']}").json()
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == {"images_done": 3, "images_total": 3}
+    assert [(i["index"], i["target_index"], i["seed"]) for i in done["images"]] == [(0, 0, 1), (1, 1, 1), (2, 2, 1)]
+    assert f"Model hash: {a['sha256'][:10]}, Model: a" in done["images"][0]["infotext"]
+    for image in done["images"]:
+        got = client.get(image["url"])
+        assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+        assert png_size(got.content) == (64, 64)
+        assert image["infotext"].encode() in got.content  # the PNG's `parameters` chunk
+    grid = client.get(done["grid"])
+    assert grid.status_code == 200 and grid.headers["content-type"] == "image/png"
+    width, height = png_size(grid.content)
+    assert width > 3 * 64 and height > 64
+    assert client.get(f"/previews/{queued['id']}/images/3.png").status_code == 404
+
+    # The service renders what the engine renders for the same target and sampling.
+    from merge_engine.preview.render import Sampling, Target, render_previews
+    from merge_engine.recipe import Recipe
+    from merge_engine.resolve import FileResolver
+
+    direct = render_previews([Target("a", Recipe(merge="sd2-1.safetensors"), FileResolver(settings.model_roots[0]), "a")],
+                             Sampling(prompts=("a red cube",), seeds=(1,), steps=4, width=64, height=64),
+                             settings.data_dir / "direct", device="cpu")
+    assert direct.images[0].path.read_bytes() == client.get(done["images"][0]["url"]).content
+
+    previews = [f for f in data_files(settings) if "previews" in f]
+    assert sorted(previews) == [f"artifacts/previews/{queued['id']}/{name}" for name in
+                                ("grid.png", "images/0.png", "images/1.png", "images/2.png")]
+    assert not [f for f in data_files(settings) if f.startswith("tmp/")]
+
+
+def test_text_encoder_sweep_makes_one_target_per_candidate(client, run_tasks, sd2_models):
+    a, b, c = sd2_models
+    body = {**TINY, "prompts": ["a red cube", "a blue ball"], "base": "a", "swap_text_encoder_from": ["b", c["id"]]}
+    response = client.post("/previews", json=body)
+    assert response.status_code == 202, response.text
+    targets = response.json()["targets"]
+    assert [t["label"] for t in targets] == ["TE: b", "TE: c"]
+    assert [t["recipe"]["components"]["text_encoder"]["sha256"] for t in targets] == [b["sha256"], c["sha256"]]
+    assert all(t["recipe"]["merge"]["sha256"] == a["sha256"] for t in targets)
+    run_tasks()
+    done = client.get(f"/previews/{response.json()['id']}").json()
+    assert done["status"] == "succeeded", done
+    assert len(done["images"]) == 4 and done["grid"] is not None
+    assert [(i["target_index"], i["prompt_index"]) for i in done["images"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert "Model: a + TE b" in done["images"][0]["infotext"]
+    first = client.get(done["images"][0]["url"]).content
+    assert first[:8] == PNG_SIGNATURE and png_size(first) == (64, 64)
+
+
+@pytest.mark.parametrize(("change", "status", "code", "needle"), [
+    ({"targets": ["a", "nope"]}, 422, "unknown_model", "nope"),
+    ({"sampler": "ddim"}, 422, "invalid_options", "unknown sampler 'ddim'"),
+    ({"width": 60}, 422, "invalid_options", "width must be a multiple of 8"),
+    ({"prompts": []}, 422, "invalid_options", "at least one prompt"),
+    ({"steps": 0}, 422, "invalid_options", "steps must be between"),
+    ({"prediction_type": "x0"}, 422, "invalid_options", "unknown prediction_type"),
+    ({"targets": []}, 422, "invalid_preview", "at least one target"),
+    ({"targets": [{"model": "a"}]}, 422, "invalid_preview", "targets[0] must be"),
+    ({"targets": [{"merge": 99}]}, 422, "invalid_preview", "no merge job #99"),
+    ({"targets": [{"recipe": {"merge": {"method": "uniform", "models": []}}}]}, 422, "invalid_recipe", "merge"),
+    ({"targets": [], "base": "a", "swap_text_encoder_from": ["sd1"]}, 422, "architecture_mismatch", "sd1"),
+    ({"targets": [], "swap_text_encoder_from": ["b"]}, 422, "invalid_preview", "needs a base"),
+    ({"colour": "red"}, 422, "invalid_request", "colour"),
+])
+def test_bad_requests_are_clear_and_leave_nothing(client, ready_model, settings, change, status, code, needle):
+    for filename, name in (("sd2-1.safetensors", "a"), ("sd2-2.safetensors", "b"), ("sd1-1.safetensors", "sd1")):
+        ready_model(filename, name)
+    response = client.post("/previews", json={**TINY, "targets": ["a"], **change})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and needle in error["message"], error
+    assert client.get("/previews").json()["items"] == []
+    assert data_files(settings) == []
+
+
+def test_a_merge_that_has_not_finished_cannot_be_previewed(client, sd2_models):
+    merge = client.post("/merges", json={"merge": {"method": "uniform", "models": ["a", "b"]}}).json()
+    response = client.post("/previews", json={**TINY, "targets": [{"merge": merge["id"]}]})
+    assert response.status_code == 409 and "queued" in response.json()["error"]["message"]
+
+
+def test_cancel_queued_and_running_previews(client, run_tasks, runtime, sd2_models, settings):
+    from app.models import Preview
+    from worker.lease import claim, new_owner
+    from worker.previews import run_preview
+
+    queued = client.post("/previews", json={**TINY, "targets": ["a"]}).json()
+    cancelled = client.delete(f"/previews/{queued['id']}")
+    assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+    assert run_tasks() == ["sdmerge.preview"]  # delivered, and nothing runs
+    assert client.get(f"/previews/{queued['id']}").json()["attempts"] == 0
+    assert client.get(f"/previews/{queued['id']}/grid.png").status_code == 404
+
+    running = client.post("/previews", json={**TINY, "targets": ["a", "b"]}).json()
+    owner = new_owner()
+    assert claim(runtime, Preview, running["id"], owner)
+    flagged = client.post(f"/previews/{running['id']}/cancel")
+    assert flagged.status_code == 202 and flagged.json()["cancel_requested"]
+    assert run_preview(runtime, running["id"], owner) == "cancelled"
+    after = client.get(f"/previews/{running['id']}").json()
+    assert after["status"] == "cancelled" and after["images"] == [] and after["grid"] is None
+    assert data_files(settings) == []
+    assert client.delete(f"/previews/{running['id']}").status_code == 204
+    assert client.get(f"/previews/{running['id']}").status_code == 404
+    run_tasks()
