@@ -1,20 +1,31 @@
-"""Benchmark: the REST service on PostgreSQL + Redis under 200 concurrent clients, and a merge
-through the service against the same merge with the CLI, in the same run.
+"""Benchmark: the REST service under 200 concurrent clients, and a merge through the service
+against the same merge with the CLI, in the same run.
 
-    scripts/services.sh run -- .venv/bin/python bench/api_bench.py
+    scripts/services.sh run -- .venv/bin/python bench/api_bench.py      # PostgreSQL + Redis
+    .venv/bin/python bench/api_bench.py --embedded                      # the default: SQLite, no broker
 
 The service under test is real: `sdmerge serve` (API only) and one `sdmerge worker`, started
-here on a fresh database and a flushed Redis database, stopped at the end. Clients poll
+here on a fresh database and a flushed Redis database, stopped at the end; or, with
+`--embedded`, `sdmerge serve` alone as a user starts it (SQLite and the filesystem broker in a
+fresh data dir, its worker a child). Clients poll
 `GET /merges/{id}`, in three phases: paced polls (each client waits `--interval` seconds between
 requests, as a progress poller does), paced polls where every `--plan-every`-th request is a
 `POST /merges/plan`, and closed-loop polls (no waiting: the saturation throughput). The client runs on the same
-machine (one asyncio process), so on a small machine it competes with the server for CPU.
+machine (one asyncio process), so on a small machine it competes with the server for CPU: each
+phase reports the CPU the client and the API process used (`client_cpu_pct`, `api_cpu_pct`: % of
+one core over the phase). The client is a minimal keep-alive HTTP/1.1 client (one connection
+per simulated client), which costs a small fraction of httpx's CPU per request, so little of the
+measured latency is the client's own event loop being busy (`--client httpx`: httpx.AsyncClient,
+as earlier runs used); and for each phase
+the client keeps its heap (torch included) out of its garbage collector, whose full passes would
+otherwise stall every response in flight for tens of milliseconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -50,11 +61,71 @@ def summary(latencies: dict[str, list[float]], errors: int, seconds: float) -> d
     return out
 
 
+class RawClient:
+    """One keep-alive HTTP/1.1 connection, written and parsed by hand: a poll costs the client a
+    small fraction of what httpx's machinery costs, so the client perturbs the latency it measures
+    less. Only what this bench sends and uvicorn answers (Content-Length bodies) is handled."""
+
+    class Error(Exception):
+        pass
+
+    def __init__(self, base: str, headers: dict) -> None:
+        host, _, port = base.removeprefix("http://").partition(":")
+        self.host, self.port = host, int(port)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.prefix = f"Host: {host}:{port}\r\n{extra}".encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = f"{method} {path} HTTP/1.1\r\n".encode() + self.prefix
+        if body is not None:
+            head += b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)
+        self.writer.write(head + b"\r\n" + (body or b""))
+        try:
+            header = await self.reader.readuntil(b"\r\n\r\n")
+            lines = header.split(b"\r\n")
+            status = int(lines[0].split(b" ", 2)[1])
+            length, close = 0, False
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    close = True
+            content = await self.reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError) as exc:
+            self.close()
+            raise RawClient.Error(type(exc).__name__) from exc
+        if close:
+            self.close()
+        return status, content
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far (from /proc; 0 where there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def load(base: str, headers: dict, job_ids: list[int], plan_body: dict, *, clients: int,
-               seconds: float, interval: float, plan_every: int) -> dict:
+               seconds: float, interval: float, plan_every: int, client_kind: str = "httpx",
+               api_pid: int | None = None) -> dict:
     latencies: dict[str, list[float]] = {"poll": [], "plan": []}
     errors = 0
     samples: list[str] = []  # the first few failures, to say what went wrong
+    plan_bytes = json.dumps(plan_body).encode()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=30) as client:
         deadline = time.perf_counter() + seconds
@@ -62,6 +133,7 @@ async def load(base: str, headers: dict, job_ids: list[int], plan_body: dict, *,
         async def one_client(n: int) -> None:
             nonlocal errors
             rng = random.Random(n)
+            raw = RawClient(base, headers) if client_kind == "raw" else None
             await asyncio.sleep(rng.random() * (interval or 0.05))  # spread the first wave
             i = 0
             while time.perf_counter() < deadline:
@@ -69,39 +141,68 @@ async def load(base: str, headers: dict, job_ids: list[int], plan_body: dict, *,
                 kind = "plan" if plan_every and i % plan_every == 0 else "poll"
                 start = time.perf_counter()
                 try:
-                    if kind == "plan":
-                        response = await client.post("/merges/plan", json=plan_body)
+                    if raw is not None:
+                        status, text = await (raw.request("POST", "/merges/plan", plan_bytes) if kind == "plan"
+                                              else raw.request("GET", f"/merges/{rng.choice(job_ids)}"))
                     else:
-                        response = await client.get(f"/merges/{rng.choice(job_ids)}")
-                    if response.status_code != 200:
+                        response = await (client.post("/merges/plan", json=plan_body) if kind == "plan"
+                                          else client.get(f"/merges/{rng.choice(job_ids)}"))
+                        status, text = response.status_code, response.content
+                    if status != 200:
                         errors += 1
-                        samples.append(f"{kind} {response.status_code} {response.text[:200]}")
-                except httpx.HTTPError as exc:
+                        samples.append(f"{kind} {status} {text[:200]!r}")
+                except (httpx.HTTPError, RawClient.Error) as exc:
                     errors += 1
                     samples.append(f"{kind} {type(exc).__name__}")
                 latencies[kind].append(time.perf_counter() - start)
                 if interval:
                     await asyncio.sleep(interval)
+            if raw is not None:
+                raw.close()
 
+        # This process has imported torch (the checkpoints): a full collection walks all of it,
+        # tens of milliseconds during which no response is read. Those pauses are the client's,
+        # not the server's: keep what exists out of the collector, and collect less often.
+        thresholds = gc.get_threshold()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
+        cpu, api_cpu = time.process_time(), process_cpu_seconds(api_pid) if api_pid else 0.0
         began = time.perf_counter()
-        await asyncio.gather(*(one_client(n) for n in range(clients)))
-        return {**summary(latencies, errors, time.perf_counter() - began), "error_samples": samples[:3]}
+        try:
+            await asyncio.gather(*(one_client(n) for n in range(clients)))
+        finally:
+            gc.set_threshold(*thresholds)
+            gc.unfreeze()
+        elapsed = time.perf_counter() - began
+        usage = {"client": client_kind, "client_cpu_pct": round(100 * (time.process_time() - cpu) / elapsed, 1)}
+        if api_pid:
+            usage["api_cpu_pct"] = round(100 * (process_cpu_seconds(api_pid) - api_cpu) / elapsed, 1)
+        return {**summary(latencies, errors, elapsed), **usage, "error_samples": samples[:3]}
 
 
 class Service:
-    """`sdmerge serve` (API only) and one worker on the given database and broker."""
+    """`sdmerge serve` (API only) and one worker on the given database and broker; embedded,
+    `sdmerge serve` alone (it runs its worker as a child)."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], port: int, api_workers: int) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], port: int, api_workers: int,
+                 embedded: bool = False) -> None:
         self.base = f"http://127.0.0.1:{port}"
         self.logs = []
         self.processes = []
-        for name, args in (("serve", ["serve", "--port", str(port), "--api-workers", str(api_workers)]),
-                           ("worker", ["worker"])):
+        commands = [("serve", ["serve", "--port", str(port), "--api-workers", str(api_workers)])]
+        if not embedded:
+            commands.append(("worker", ["worker"]))
+        for name, args in commands:
             log = open(workdir / f"{name}.log", "wb")
             self.logs.append(log)
             self.processes.append(subprocess.Popen([*SDMERGE, *args], env=env, cwd=REPO, stdout=log,
                                                    stderr=subprocess.STDOUT))
         wait(lambda: _get(f"{self.base}/health") == 200, 60, "the API")
+
+    @property
+    def api_pid(self) -> int:
+        return self.processes[0].pid
 
     def stop(self) -> None:
         for process in self.processes:
@@ -201,8 +302,54 @@ def compare_merge(client: httpx.Client, env: dict, workdir: Path, root: Path, na
             "service_over_cli_hash": round(median["service_s"] / median["cli_hash_s"], 3)}
 
 
+PHASES = ("paced", "plans", "closed")
+
+
+class Embedded:
+    """The default `sdmerge serve`: SQLite and the filesystem broker in the data dir."""
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    def drop(self) -> None:
+        pass
+
+
+class PostgresRedis:
+    """A fresh database on the given server and a flushed Redis database, dropped at the end."""
+
+    def __init__(self, database_url: str, broker_url: str) -> None:
+        from sqlalchemy import create_engine, text
+
+        from app.db import normalize_url
+
+        self.server_url = database_url
+        self.database = f"sdmerge_bench_{uuid.uuid4().hex[:8]}"
+        self.admin = create_engine(normalize_url(database_url), isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{self.database}"'))
+        import redis
+
+        self.broker = broker_url.rsplit("/", 1)[0] + "/5"
+        self.redis = redis.Redis.from_url(self.broker)
+        self.redis.flushdb()
+
+    def env(self) -> dict[str, str]:
+        return {"SDMERGE_DATABASE_URL": self.server_url.rsplit("/", 1)[0] + "/" + self.database,
+                "SDMERGE_BROKER_URL": self.broker}
+
+    def drop(self) -> None:
+        from sqlalchemy import text
+
+        with self.admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+        self.redis.flushdb()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--embedded", action="store_true",
+                   help="the embedded default instead: SQLite and the filesystem broker in a fresh data dir")
     p.add_argument("--database-url", default=os.environ.get("SDMERGE_TEST_POSTGRES_URL"),
                    help="a PostgreSQL server URL; a fresh database is created on it and dropped")
     p.add_argument("--broker-url", default=os.environ.get("SDMERGE_TEST_REDIS_URL"))
@@ -214,43 +361,39 @@ def main() -> int:
     p.add_argument("--merge-size", choices=("full", "tiny", "none"), default="full")
     p.add_argument("--threads", type=int, default=2, help="merge threads for the CLI and the worker")
     p.add_argument("--merge-rounds", type=int, default=3, choices=(1, 2, 3))
+    p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    p.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                   help="the load client: a minimal keep-alive HTTP/1.1 client (default), or "
+                        "httpx.AsyncClient (as earlier runs; several times the client's CPU)")
     p.add_argument("--cache-dir", type=Path, default=BENCH / ".cache")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
-    if not args.database_url or not args.broker_url:
-        raise SystemExit("api_bench: needs PostgreSQL and Redis: run it under scripts/services.sh")
-
-    from sqlalchemy import create_engine, text
-
-    from app.db import normalize_url
-
-    database = f"sdmerge_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(normalize_url(args.database_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{database}"'))
-    import redis
-
-    broker = args.broker_url.rsplit("/", 1)[0] + "/5"
-    redis.Redis.from_url(broker).flushdb()
+    if not args.embedded and (not args.database_url or not args.broker_url):
+        raise SystemExit("api_bench: needs PostgreSQL and Redis: run it under scripts/services.sh, "
+                         "or pass --embedded")
+    backend = Embedded() if args.embedded else PostgresRedis(args.database_url, args.broker_url)
     workdir = Path(tempfile.mkdtemp(prefix="sdmerge-bench-"))
     root = workdir / "models"
     tiny = checkpoints(args.cache_dir, "tiny", (0, 1))
     full = checkpoints(args.cache_dir, "full", (0, 1)) if args.merge_size == "full" else []
     link_into(tiny + full, root)
-    env = {**os.environ, "SDMERGE_DATABASE_URL": args.database_url.rsplit("/", 1)[0] + "/" + database,
-           "SDMERGE_BROKER_URL": broker, "SDMERGE_DATA_DIR": str(workdir / "data"),
+    env = {**os.environ, "SDMERGE_DATA_DIR": str(workdir / "data"),
            "SDMERGE_MODEL_ROOTS": str(root), "SDMERGE_MERGE_THREADS": str(args.threads),
            "SDMERGE_HASH_CACHE": str(workdir / "hashes.sqlite3"), "PYTHONPATH": str(REPO)}
-    env.pop("SDMERGE_API_TOKEN", None)
-    subprocess.run([*SDMERGE, "db", "upgrade"], env=env, check=True, capture_output=True)
+    for name in ("SDMERGE_API_TOKEN", "SDMERGE_DATABASE_URL", "SDMERGE_BROKER_URL"):
+        env.pop(name, None)
+    env.update(backend.env())
+    if not args.embedded:
+        subprocess.run([*SDMERGE, "db", "upgrade"], env=env, check=True, capture_output=True)
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    service = Service(workdir, env, port, args.api_workers)
-    results: dict = {"clients": args.clients, "cpus": os.cpu_count(), "api_workers": args.api_workers,
-                     "load_average_at_start": os.getloadavg()}
+    service = Service(workdir, env, port, args.api_workers, embedded=args.embedded)
+    results: dict = {"backend": "embedded (SQLite)" if args.embedded else "PostgreSQL + Redis",
+                     "clients": args.clients, "cpus": os.cpu_count(), "api_workers": args.api_workers,
+                     "client": args.client, "load_average_at_start": os.getloadavg()}
     try:
         with httpx.Client(base_url=service.base, timeout=60) as client:
             register(client, [p.name for p in tiny])
@@ -260,11 +403,13 @@ def main() -> int:
             for job_id in seeds:
                 finished(client, job_id)
             plan_body = {"merge": {"method": "uniform", "models": [a, b]}}
-            phases = (("paced_polls_only", args.interval, 0), ("paced_with_plans", args.interval, args.plan_every),
-                      ("closed_loop_polls_only", 0.0, 0))
-            for phase, interval, plan_every in phases:
+            phases = {"paced": ("paced_polls_only", args.interval, 0),
+                      "plans": ("paced_with_plans", args.interval, args.plan_every),
+                      "closed": ("closed_loop_polls_only", 0.0, 0)}
+            for phase, interval, plan_every in (phases[name] for name in PHASES if name in args.phases):
                 results[phase] = asyncio.run(load(service.base, {}, seeds, plan_body, clients=args.clients,
-                                                  seconds=args.seconds, interval=interval, plan_every=plan_every))
+                                                  seconds=args.seconds, interval=interval, plan_every=plan_every,
+                                                  client_kind=args.client, api_pid=service.api_pid))
                 results[phase].update(interval_s=interval, plan_every=plan_every)
                 print(phase, json.dumps(results[phase]), flush=True)
             if full:
@@ -275,9 +420,7 @@ def main() -> int:
     finally:
         service.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        redis.Redis.from_url(broker).flushdb()
+        backend.drop()
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
