@@ -10,14 +10,20 @@ The one exception is `Db.read`, for a hot read of a few rows (a status poll): on
 on the event loop itself, on a kept-open read-only connection whose WAL snapshot never waits for
 a writer (tens of microseconds, less than the hop to a thread and back), and moves to a thread
 only if it finds the database locked; on other databases it runs in a thread, on a pooled
-connection and without an ORM session.
+connection and without an ORM session, with thread tokens of its own. Requests that plan
+recipes (`Db.run_heavy`) run at most one per core at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import weakref
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
@@ -41,6 +47,28 @@ async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.runtime.settings
 
 
+class _Limiters:
+    """Thread budgets, made on the running loop (anyio needs one). Plans are CPU work under the
+    GIL: more of them at once than there are cores only slows every thread of the process, the
+    threads reading status polls included, so they queue on the loop for `heavy` instead of
+    filling the thread pool. Status polls that need a thread get tokens of their own (`reads`),
+    so they never wait behind a queue of other requests for one."""
+
+    _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Limiters] = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self.heavy = anyio.CapacityLimiter(max(1, min(4, (os.cpu_count() or 1) - 1)))
+        self.reads = anyio.CapacityLimiter(16)
+
+    @classmethod
+    def get(cls) -> _Limiters:
+        loop = asyncio.get_running_loop()  # a limiter belongs to the loop it was made on
+        limiters = cls._per_loop.get(loop)
+        if limiters is None:
+            limiters = cls._per_loop[loop] = cls()
+        return limiters
+
+
 class Db:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -48,6 +76,10 @@ class Db:
     async def run(self, service: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`service(session, *args, **kwargs)` in one committed transaction, off the event loop."""
         return await run_in_threadpool(self._transaction, service, args, kwargs)
+
+    async def run_heavy(self, service: Callable[..., T], *args: Any) -> T:
+        """`run` for requests that plan recipes (CPU-bound): at most one per core at a time."""
+        return await anyio.to_thread.run_sync(self._transaction, service, args, {}, limiter=_Limiters.get().heavy)
 
     async def read(self, query: Callable[..., T], *args: Any) -> T:
         """`query(connection, *args)`, which only reads, in one transaction (see the module doc)."""
@@ -58,7 +90,7 @@ class Db:
                 return self._read(reader, query, args)
             except OperationalError:  # locked: wait for it in a thread, as any transaction does
                 pass
-        return await run_in_threadpool(self._read, engine, query, args)
+        return await anyio.to_thread.run_sync(self._read, engine, query, args, limiter=_Limiters.get().reads)
 
     @staticmethod
     def _read(engine: Engine, query: Callable[..., T], args: tuple) -> T:

@@ -18,7 +18,7 @@ PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 
 @router.post("", response_model=AnalysisOut, status_code=202)
 async def submit_analysis(body: AnalysisRequest, db: DbDep, settings: SettingsDep):
-    row = await db.run(analyses.submit, body)
+    row = await db.run_heavy(analyses.submit, body)
     return analyses.view(settings, row, with_result=False)
 
 

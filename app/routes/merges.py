@@ -22,14 +22,14 @@ RecipeBody = Annotated[dict[str, Any], Body(
 @router.post("", response_model=JobOut, status_code=202,
              responses={200: {"model": JobOut, "description": "the same recipe's live or finished job"}})
 async def submit_merge(body: RecipeBody, db: DbDep, response: Response):
-    job, created = await db.run(merges.submit, body)
+    job, created = await db.run_heavy(merges.submit, body)
     response.status_code = 202 if created else 200
     return job
 
 
 @router.post("/plan")
 async def plan_merge(body: RecipeBody, db: DbDep) -> dict[str, Any]:
-    return await db.run(merges.dry_run, body)
+    return await db.run_heavy(merges.dry_run, body)
 
 
 @router.get("", response_model=Page[JobOut])

@@ -18,7 +18,7 @@ PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image with A111
 
 @router.post("", response_model=PreviewOut, status_code=202)
 async def submit_preview(body: PreviewRequest, db: DbDep):
-    return previews.view(await db.run(previews.submit, body))
+    return previews.view(await db.run_heavy(previews.submit, body))
 
 
 @router.get("", response_model=Page[PreviewOut])
