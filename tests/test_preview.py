@@ -222,6 +222,29 @@ def test_a_text_encoder_swap_rewrites_only_the_text_encoder(models):
     assert torch.equal(te, base.inputs[0].checkpoint.read_tensor("cond_stage_model.model.token_embedding.weight").float())
 
 
+def test_grid_layout_and_headers(models, tmp_path):
+    sampling = Sampling(prompts=("a cat", "a dog"), seeds=(1, 2), **SMALL)
+    targets = [target(models, "sd2-0.safetensors", "base"),
+               target(models, {"merge": "sd2-0.safetensors", "components": {"text_encoder": "sd2-te-7.safetensors"}},
+                      "TE: sd2-te-7")]
+    result = render_previews(targets, sampling, tmp_path)
+    assert result.columns == ["base", "TE: sd2-te-7"]
+    assert result.rows == ["a cat  (seed 1)", "a cat  (seed 2)", "a dog  (seed 1)", "a dog  (seed 2)"]
+    assert [(i.target_index, i.prompt_index, i.seed) for i in result.images] == [
+        (t, p, s) for t in (0, 1) for p in (0, 1) for s in (1, 2)]
+    grid = read_png_pixels(result.grid)
+    header = grid.shape[0] - 4 * 64
+    label_width = grid.shape[1] - 2 * 64
+    assert header > 0 and label_width >= 160
+    for image in result.images:  # each image sits in its cell, pixel for pixel
+        row = image.prompt_index * 2 + (image.seed - 1)
+        cell = grid[header + row * 64: header + (row + 1) * 64,
+                    label_width + image.target_index * 64: label_width + (image.target_index + 1) * 64]
+        assert np.array_equal(cell, read_png_pixels(image.path))
+    assert grid[:header, label_width:].min() < 128  # the column headers are drawn
+    assert grid[header:, :label_width].min() < 128  # and the row headers
+
+
 def test_cancel_stops_before_sampling(models, tmp_path):
     with pytest.raises(MergeCancelled):
         render_previews([target(models, "sd2-0.safetensors")], Sampling(prompts=("x",), **SMALL), tmp_path / "c",

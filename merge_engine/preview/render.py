@@ -56,6 +56,8 @@ class PreviewResult:
     images: list[RenderedImage]
     grid: Path | None
     seconds: float
+    columns: list[str]  # the grid's column headers (one per target)
+    rows: list[str]  # its row headers (one per prompt and seed)
 
 
 def is_single_model(recipe: Recipe) -> bool:
@@ -127,7 +129,8 @@ def render_previews(
                 grid = out / grid_name
             for future in written:
                 future.result()
-        return PreviewResult(images, grid, time.perf_counter() - started)
+        return PreviewResult(images, grid, time.perf_counter() - started, [t.label for t in targets],
+                             _row_labels(sampling))
     finally:
         for planned in plans:
             planned.close()
@@ -154,11 +157,12 @@ def _write(path: Path, image, infotext: str) -> Path:
 def _grid(targets: Sequence[Target], sampling: Sampling, pixels: list) -> object:
     per_target = sampling.images_per_target()
     rows = [[pixels[t * per_target + r] for t in range(len(targets))] for r in range(per_target)]
-    row_labels = []
-    for prompt in sampling.prompts:
-        for seed in sampling.seeds:
-            row_labels.append(f"{prompt}  (seed {seed})" if len(sampling.seeds) > 1 else prompt)
-    return make_grid(rows, [t.label for t in targets], row_labels)
+    return make_grid(rows, [t.label for t in targets], _row_labels(sampling))
+
+
+def _row_labels(sampling: Sampling) -> list[str]:
+    return [f"{prompt}  (seed {seed})" if len(sampling.seeds) > 1 else prompt
+            for prompt in sampling.prompts for seed in sampling.seeds]
 
 
 def _grid_infotext(targets: Sequence[Target], sampling: Sampling, model_hash: str) -> str:
