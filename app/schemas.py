@@ -62,24 +62,6 @@ class ArtifactOut(_Out):
         return f"/artifacts/{self.id}"
 
 
-class JobOut(_Out):
-    id: int
-    status: str
-    name: str | None
-    recipe: dict[str, Any]
-    recipe_hash: str
-    architecture: str | None
-    output_size: int | None
-    progress: dict[str, Any] | None
-    error: dict[str, Any] | None
-    cancel_requested: bool
-    attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    artifact: ArtifactOut | None
-
-
 class Page(BaseModel, Generic[T]):
     items: list[T]
     next: str | None = Field(description="cursor for the next page, or null at the end")
@@ -97,6 +79,17 @@ class LeasedOut(_Out):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class JobOut(LeasedOut):
+    """A merge job: the leased-work fields, then the recipe and its output."""
+
+    name: str | None
+    recipe: dict[str, Any]
+    recipe_hash: str
+    architecture: str | None
+    output_size: int | None
+    artifact: ArtifactOut | None
 
 
 class AnalysisOut(LeasedOut):
