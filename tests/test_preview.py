@@ -20,7 +20,8 @@ from merge_engine.preview.infotext import parse_infotext, read_png_parameters, r
 from merge_engine.preview.models import build_component, unet_config, vae_config
 from merge_engine.preview.params import Sampling
 from merge_engine.preview.pipeline import PreviewModel
-from merge_engine.preview.render import Target, render_previews
+from merge_engine.preview.render import Target
+from merge_engine.preview.render import render_previews as _render_previews
 from merge_engine.preview.text_encoders import OpenClipText
 from merge_engine.recipe import parse_recipe
 from merge_engine.resolve import FileResolver
@@ -30,6 +31,8 @@ torch.set_num_threads(1)
 pytest.importorskip("diffusers")
 
 SMALL = dict(steps=4, width=64, height=64)
+DEVICE = "cpu"  # the figures below are the CPU's (fp32); test_gpu_* run where torch sees a GPU
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,10 @@ def models(tmp_path_factory) -> Path:
             write_checkpoint(folder / f"{arch}-{seed}.safetensors", tiny_state_dict(arch, seed=seed))
     write_checkpoint(folder / "sd2-te-7.safetensors", tiny_state_dict("sd2", seed=7, components=["text_encoder"]))
     return folder
+
+
+def render_previews(*args, device: str = DEVICE, **kwargs):
+    return _render_previews(*args, device=device, **kwargs)
 
 
 def target(folder: Path, recipe: dict | str, label: str = "t") -> Target:
@@ -245,6 +252,21 @@ def test_grid_layout_and_headers(models, tmp_path):
     assert grid[header:, :label_width].min() < 128  # and the row headers
 
 
+@CUDA
+def test_gpu_preview_is_deterministic_and_equals_the_merged_file(models, tmp_path):
+    recipe = {"name": "mix", "merge": {"method": "uniform", "models": ["sd2-0.safetensors", "sd2-1.safetensors"]}}
+    merge(plan(parse_recipe(recipe), FileResolver(models)), tmp_path / "mix.safetensors")
+    sampling = Sampling(prompts=("a cat", "a (dog:1.3)"), seeds=(3,), **SMALL)
+    first = render_previews([target(models, recipe, "mix")], sampling, tmp_path / "a", device="cuda")
+    again = render_previews([target(models, recipe, "mix")], sampling, tmp_path / "b", device="cuda")
+    on_disk = render_previews([target(tmp_path, "mix.safetensors", "mix")], sampling, tmp_path / "c", device="cuda")
+    for a, b, c in zip(pixels(first), pixels(again), pixels(on_disk), strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    on_cpu = pixels(render_previews([target(models, recipe, "mix")], sampling, tmp_path / "d"))
+    for gpu, cpu in zip(pixels(first), on_cpu, strict=True):  # fp16 on the GPU against fp32
+        assert np.abs(gpu.astype(int) - cpu.astype(int)).mean() < 8
+
+
 def test_cancel_stops_before_sampling(models, tmp_path):
     with pytest.raises(MergeCancelled):
         render_previews([target(models, "sd2-0.safetensors")], Sampling(prompts=("x",), **SMALL), tmp_path / "c",
@@ -258,7 +280,7 @@ def test_text_encoder_sweep_grid_through_the_cli(models, tmp_path, capsys):
     code = cli(["preview", str(models / "sd2-0.safetensors"), "--swap-text-encoder-from",
                 str(models / "sd2-1.safetensors"), str(models / "sd2-te-7.safetensors"),
                 "--prompt", "a cat", "--prompt", "a dog", "--seed", "5", "--steps", "4", "--width", "64",
-                "--height", "64", "-q", "-o", str(out)])
+                "--height", "64", "--device", "cpu", "-q", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     singles = sorted((tmp_path / "sweep").iterdir())
     assert [p.name for p in singles] == [f"{n:03d}.png" for n in range(6)]  # 3 targets x 2 prompts
@@ -277,7 +299,7 @@ def test_text_encoder_sweep_grid_through_the_cli(models, tmp_path, capsys):
 def test_cli_single_image_and_clear_errors(models, tmp_path, capsys):
     out = tmp_path / "one.png"
     args = ["preview", str(models / "sd2-0.safetensors"), "--prompt", "x", "--steps", "4",
-            "--width", "64", "--height", "64", "-q", "-o", str(out)]
+            "--width", "64", "--height", "64", "--device", "cpu", "-q", "-o", str(out)]
     assert cli(args) == 0
     assert read_png_pixels(out).shape == (64, 64, 3)
     assert cli(args) == 2 and "already exists" in capsys.readouterr().err
