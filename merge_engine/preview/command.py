@@ -18,8 +18,6 @@ from pathlib import Path
 
 from merge_engine.errors import OptionsError, RecipeError
 from merge_engine.preview.params import DEFAULT_PREDICTION, PREDICTION_TYPES, SAMPLERS, Sampling
-from merge_engine.recipe import Recipe, parse_recipe
-from merge_engine.resolve import FileResolver
 
 
 def add_parser(sub, roots: argparse.ArgumentParser) -> None:
@@ -48,6 +46,8 @@ def add_parser(sub, roots: argparse.ArgumentParser) -> None:
 def _target(ref: str, roots: list[str]):
     """A checkpoint file or a recipe file -> (label, recipe, resolver)."""
     from merge_engine.preview.render import Target
+    from merge_engine.recipe import Recipe, parse_recipe
+    from merge_engine.resolve import FileResolver
 
     path = Path(ref)
     if path.suffix.lower() == ".json":
@@ -69,6 +69,7 @@ def _target(ref: str, roots: list[str]):
 def run(args: argparse.Namespace) -> int:
     from merge_engine.plan import plan
     from merge_engine.preview.render import Target, render_previews
+    from merge_engine.recipe import Recipe
 
     targets = [_target(ref, args.model_root) for ref in args.targets]
     if args.swap_text_encoder_from:
