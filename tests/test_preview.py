@@ -144,6 +144,13 @@ def test_a_component_only_file_cannot_be_previewed_alone(models, tmp_path):
         render_previews([target(models, "sd2-te-7.safetensors")], Sampling(prompts=("x",), **SMALL), tmp_path)
 
 
+def test_an_inpainting_model_is_refused_clearly(tmp_path):
+    write_checkpoint(tmp_path / "inpaint.safetensors", tiny_state_dict("sd2", seed=0, variant="inpainting"))
+    with pytest.raises(CheckpointError, match="inpainting UNet") as err:
+        render_previews([target(tmp_path, "inpaint.safetensors")], Sampling(prompts=("x",), **SMALL), tmp_path / "o")
+    assert err.value.model == "inpaint.safetensors" and not (tmp_path / "o").exists()
+
+
 def test_bad_sampling_parameters_are_clear_errors(models, tmp_path):
     for bad, message in [(dict(sampler="ddim"), "unknown sampler"), (dict(width=60), "width"),
                          (dict(prompts=()), "prompt"), (dict(steps=0), "steps"), (dict(seeds=(-1,)), "seed")]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from merge_engine.errors import MergeCancelled, OptionsError
+from merge_engine.errors import CheckpointError, MergeCancelled, OptionsError
 from merge_engine.plan import Plan, Resolver, plan
 from merge_engine.preview.grid import make_grid
 from merge_engine.preview.infotext import format_infotext, write_png
@@ -183,6 +183,10 @@ class _Renderer:
     def model_for(self, planned: Plan, exact_copy: bool) -> PreviewModel:
         architecture = planned.architecture or ""
         architecture_config(architecture)  # a clear error for what cannot be previewed
+        if planned.variant not in (None, "normal"):
+            raise CheckpointError(f"previews sample text-to-image models; this is a {planned.variant} UNet "
+                                  "(it needs an image or mask input)",
+                                  model=planned.recipe.name or planned.inputs[0].name, component="unet")
         if architecture not in self.models:
             self.models.clear()  # one architecture's modules in memory at a time
             self.models[architecture] = _kept(architecture, self.device, self.dtype)
