@@ -33,6 +33,8 @@ from .passes import Progress, StreamingPass
 
 METRICS = ("l2", "cosine")
 CHUNK_BYTES = 4 << 20  # per thread: the fp64 rows stay in cache between the widen and the Gram
+DEVICE_CHUNK_BYTES = 64 << 20  # on a GPU: fewer, bigger reads and products
+_DEVICE_PATH_ON_CPU = False  # tests run the GPU code path on the CPU to check its arithmetic
 UNET_PREFIX = "model.diffusion_model."
 
 
@@ -77,8 +79,9 @@ class Analysis:
 def analyze(models: Sequence[AnalysisInput | str | os.PathLike[str]], components: Sequence[str] | None = None,
             metrics: Sequence[str] = METRICS, base: AnalysisInput | str | os.PathLike[str] | None = None,
             progress: Callable[[Progress], None] | None = None, should_cancel: Callable[[], bool] | None = None,
-            *, threads: int = 0, chunk_bytes: int = CHUNK_BYTES) -> Analysis:
-    """Distances between `models` per component; with `base`, between their task vectors."""
+            *, threads: int = 0, chunk_bytes: int | None = None, device: str = "cpu") -> Analysis:
+    """Distances between `models` per component; with `base`, between their task vectors.
+    `device="cuda"` sums the Gram matrices on a GPU (fp64 there too); reading stays on the host."""
     started = time.perf_counter()
     inputs = [_as_input(m, i) for i, m in enumerate(models)]
     base_input = _as_input(base, "base") if base is not None else None
@@ -94,7 +97,10 @@ def analyze(models: Sequence[AnalysisInput | str | os.PathLike[str]], components
         for item in rows:
             checkpoints.append(open_checkpoint(item.path, name=item.name))
         layout = _Layout.build(rows, checkpoints, components)
-        grams = _Pass(layout, checkpoints, threads, chunk_bytes, progress, should_cancel).run()
+        target = _device(device)
+        if chunk_bytes is None:
+            chunk_bytes = CHUNK_BYTES if target.type == "cpu" else DEVICE_CHUNK_BYTES
+        grams = _Pass(layout, checkpoints, threads, chunk_bytes, progress, should_cancel, target).run()
         result = Analysis(inputs, base_input, layout.architecture, metrics)
         for component, accumulated in grams.items():
             blocks = {name: pivot_last(g, has_base=base_input is not None) for name, g in accumulated.items()}
@@ -120,6 +126,16 @@ def inputs_from_files(paths: Sequence[str | os.PathLike[str]], *, hashes: bool =
         open_checkpoint(path).close()  # a clear error for a missing or non-checkpoint file
         found.append(AnalysisInput(path, path.name, ids[index] if ids else index, hash_file(path).sha256 if hashes else None))
     return found
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AnalysisError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AnalysisError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
 
 
 def _as_input(model: AnalysisInput | str | os.PathLike[str], index: str | int) -> AnalysisInput:
@@ -198,12 +214,13 @@ class _Pass(StreamingPass):
     so for a given thread count the figures do not depend on scheduling."""
 
     def __init__(self, layout: _Layout, checkpoints: list[Checkpoint], threads: int, chunk_bytes: int,
-                 progress: Callable[[Progress], None] | None, should_cancel: Callable[[], bool] | None):
+                 progress: Callable[[Progress], None] | None, should_cancel: Callable[[], bool] | None,
+                 device: torch.device):
         bytes_total = sum(sum(ck.tensors[k].nbytes for ck, k in zip(checkpoints, keys, strict=True))
                           for entries in layout.keys.values() for _, _, keys in entries)
         super().__init__(checkpoints, threads, sum(len(v) for v in layout.keys.values()), bytes_total,
                          progress, should_cancel, "analysis")
-        self.layout = layout
+        self.layout, self.device = layout, device
         self.rows = len(checkpoints)
         self.chunk = max(4096, chunk_bytes // (8 * self.rows))
         self.items = [(c, block, keys, start, min(start + self.chunk, layout.numel[keys[0]]))
@@ -216,16 +233,71 @@ class _Pass(StreamingPass):
         grams: dict[str, dict[str, np.ndarray]] = {c: {} for c in self.layout.keys}
         for partial in self.results:
             for (component, block), gram in partial.items():
+                if isinstance(gram, torch.Tensor):
+                    gram = gram.cpu().numpy()
                 grams[component][block] = grams[component].get(block, 0) + gram
         return grams
 
     def work(self, index: int) -> None:
+        if self.device.type == "cpu" and not _DEVICE_PATH_ON_CPU:
+            self._work_cpu(index)
+        else:
+            self._work_device(index)
+
+    def _items_of(self, index: int):
+        return self.items[index::self.threads]
+
+    def _work_device(self, index: int) -> None:
+        """The same pass with the Gram on a GPU: each model's chunk is read with positioned reads
+        into pinned host memory, copied to the device, widened there to fp64, and `G += M Mᵀ`
+        runs there; the host waits only for the copies before reusing its buffers."""
+        grams: dict = self.results[index]
+        cuda = self.device.type == "cuda"
+        pinned = [torch.empty(self.chunk * 8, dtype=torch.uint8, pin_memory=cuda) for _ in range(self.rows)]
+        raw = torch.empty((self.rows, self.chunk * 8), dtype=torch.uint8, device=self.device)
+        matrix = torch.empty((self.rows, self.chunk), dtype=torch.float64, device=self.device)
+        copied = None
+        for component, block, keys, start, stop in self._items_of(index):
+            if self.stop.is_set():
+                return
+            n = stop - start
+            if copied is not None:
+                copied.synchronize()  # the pinned buffers' last copies have left
+            for row, (checkpoint, key) in enumerate(zip(self.checkpoints, keys, strict=True)):
+                values = checkpoint.pread_into(key, start, stop, pinned[row])
+                nbytes = n * values.element_size()
+                on_device = raw[row, :nbytes]
+                on_device.copy_(pinned[row][:nbytes], non_blocking=True)
+                matrix[row, :n].copy_(on_device.view(values.dtype))
+            if cuda:
+                copied = torch.cuda.Event()
+                copied.record()
+            rows = matrix[:, :n]
+            rows[1:] -= rows[0]
+            gram = grams.get((component, block))
+            if gram is None:
+                gram = grams[(component, block)] = torch.zeros((self.rows, self.rows), dtype=torch.float64,
+                                                               device=self.device)
+            gram.addmm_(rows, rows.T)
+            last = stop == self.layout.numel[keys[0]]
+            if last and not bool(torch.isfinite(gram.diagonal()).all()):  # once per tensor: one sync
+                self._non_finite_tensor(component, keys)
+            self.advance(sum(n * (ck.tensors[k].nbytes // max(ck.tensors[k].numel, 1))
+                             for ck, k in zip(self.checkpoints, keys, strict=True)), last)
+
+    def _non_finite_tensor(self, component: str, keys: list[str]) -> None:
+        for checkpoint, key in zip(self.checkpoints, keys, strict=True):
+            if not bool(torch.isfinite(checkpoint.read_tensor(key)).all()):
+                raise NonFiniteError("tensor holds NaN or Inf", model=checkpoint.name, component=component, key=key)
+        raise NonFiniteError("weights too large for fp64 inner products", component=component, key=keys[0])
+
+    def _work_cpu(self, index: int) -> None:
         grams = self.results[index]
         buffer = np.empty((self.rows, self.chunk), dtype=np.float64)
         widened = torch.from_numpy(buffer)  # the same memory: torch widens faster than numpy
         single = torch.empty(self.chunk, dtype=torch.float32)  # fp16 -> fp32 -> fp64 beats one step
         staging = torch.empty(self.chunk * 8, dtype=torch.uint8)
-        for component, block, keys, start, stop in self.items[index::self.threads]:
+        for component, block, keys, start, stop in self._items_of(index):
             if self.stop.is_set():
                 return
             n = stop - start

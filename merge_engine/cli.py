@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", action="append", choices=["l2", "cosine"], help="repeatable; default: both")
     p.add_argument("--base", type=Path, help="compare task vectors: each model minus this base model")
     p.add_argument("--threads", type=int, default=0, help="reader threads (default: cores, max 4)")
+    p.add_argument("--device", default="cpu", help="where the Gram matrices are summed: cpu, cuda, cuda:N")
     p.add_argument("--no-hash", action="store_true", help="leave sha256 out of the report (no full-file hashing)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(handler=_analyze)
@@ -272,7 +273,7 @@ def _analyze(args: argparse.Namespace) -> int:
     base = inputs_from_files([args.base], hashes=not args.no_hash, ids=["base"])[0] if args.base else None
     bar = None if args.quiet else ProgressBar(sys.stderr)
     result = analyze(models, args.component, args.metric or ("l2", "cosine"), base=base, progress=bar,
-                     threads=args.threads)
+                     threads=args.threads, device=args.device)
     if bar:
         bar.close()
     written = write_report(result, args.output)

@@ -84,6 +84,33 @@ def test_matrices_equal_a_direct_pairwise_fp64_computation(family, make_model, w
     _close(total, result.components["unet"].figures.norm ** 2)
 
 
+@pytest.mark.parametrize("device", ["gpu-path-on-cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_the_device_path_gives_the_same_matrices(family, make_model, monkeypatch, device):
+    """The GPU code path (positioned reads, widening and the Gram on the device), run on the CPU
+    in CI and on a GPU where there is one, against the direct fp64 computation."""
+    import merge_engine.analysis as analysis
+
+    if device != "cuda":
+        monkeypatch.setattr(analysis, "_DEVICE_PATH_ON_CPU", True)
+    base = make_model("root.safetensors", seed=3)
+    result = analyze(family, threads=2, base=base, device="cuda" if device == "cuda" else "cpu",
+                     chunk_bytes=1 << 14)  # small chunks: many per tensor, buffers reused
+    for component, figures in result.components.items():
+        l2, cos, norm, score = _direct(family, component, base)
+        _close(figures.figures.l2, l2)
+        _close(figures.figures.cosine, cos)
+        _close(figures.figures.outlier_score, score)
+
+
+def test_device_errors_are_clear(family):
+    with pytest.raises(AnalysisError, match="unknown device"):
+        analyze(family, device="gpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(AnalysisError, match="no CUDA device"):
+            analyze(family, device="cuda")
+
+
 def test_identical_components_and_the_outlier_are_found(family):
     result = analyze(family, threads=1)
     unet, text = result.components["unet"], result.components["text_encoder"]
