@@ -46,7 +46,7 @@ def _analyze(runtime: Runtime, analysis_id: int, heartbeat: Heartbeat) -> Outcom
         result = analyze([as_input(m) for m in request["models"]], request["components"], request["metrics"],
                          base=as_input(request["base"]) if request["base"] else None,
                          progress=heartbeat.record, should_cancel=heartbeat.should_stop,
-                         threads=settings.merge_threads)
+                         threads=settings.merge_threads, device=settings.merge_device)
         heartbeat.check()
         write_report(result, staging / "report", formats=REPORT_FORMATS)
         heartbeat.check()
