@@ -29,7 +29,7 @@ from .analysis_math import ComponentFigures, component_figures, pivot_last
 from .architecture import check_compatible, detect
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import LayoutMismatchError, NonFiniteError, SdmergeError
-from .passes import Progress, StreamingPass
+from .passes import Progress, StreamingPass, torch_device
 
 METRICS = ("l2", "cosine")
 CHUNK_BYTES = 4 << 20  # per thread: the fp64 rows stay in cache between the widen and the Gram
@@ -97,7 +97,7 @@ def analyze(models: Sequence[AnalysisInput | str | os.PathLike[str]], components
         for item in rows:
             checkpoints.append(open_checkpoint(item.path, name=item.name))
         layout = _Layout.build(rows, checkpoints, components)
-        target = _device(device)
+        target = torch_device(device, AnalysisError)
         if chunk_bytes is None:
             chunk_bytes = CHUNK_BYTES if target.type == "cpu" else DEVICE_CHUNK_BYTES
         grams = _Pass(layout, checkpoints, threads, chunk_bytes, progress, should_cancel, target).run()
@@ -126,16 +126,6 @@ def inputs_from_files(paths: Sequence[str | os.PathLike[str]], *, hashes: bool =
         open_checkpoint(path).close()  # a clear error for a missing or non-checkpoint file
         found.append(AnalysisInput(path, path.name, ids[index] if ids else index, hash_file(path).sha256 if hashes else None))
     return found
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise AnalysisError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AnalysisError(f"device {name!r} asked for, but torch sees no CUDA device")
-    return device
 
 
 def _as_input(model: AnalysisInput | str | os.PathLike[str], index: str | int) -> AnalysisInput:

@@ -27,8 +27,8 @@ import torch
 
 from .accumulate import CpuAccumulator, DeviceAccumulator
 from .checkpoint import ITEMSIZE
-from .errors import LayoutMismatchError, OptionsError, RecipeError, StorageError
-from .passes import Progress, StreamingPass
+from .errors import LayoutMismatchError, RecipeError, StorageError
+from .passes import Progress, StreamingPass, torch_device
 from .plan import KeyPlan, Plan
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: stays in cache between the widen and the add
@@ -43,13 +43,7 @@ class ExecOptions:
     chunk_elements: int = CHUNK_ELEMENTS
 
     def torch_device(self) -> torch.device:
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise OptionsError(f"unknown device {self.device!r} (use cpu, cuda or cuda:N)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise OptionsError(f"device {self.device!r} asked for, but torch sees no CUDA device")
-        return device
+        return torch_device(self.device)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import MergeCancelled
+from .errors import MergeCancelled, OptionsError, SdmergeError
 
 SWEEP_BYTES = 128 << 20  # input bytes read between unmapping everything read
 
@@ -35,6 +35,17 @@ class Progress:
         if not self.bytes_read:
             return None
         return self.elapsed * (self.bytes_total - self.bytes_read) / self.bytes_read
+
+
+def torch_device(name: str, error: type[SdmergeError] = OptionsError) -> torch.device:
+    """A device name as torch's device, or `error` saying what is wrong with it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise error(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise error(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
 
 
 def thread_count(threads: int) -> int:

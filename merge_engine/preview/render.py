@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from merge_engine.errors import CheckpointError, MergeCancelled, OptionsError
+from merge_engine.passes import torch_device
 from merge_engine.plan import Plan, Resolver, plan
 from merge_engine.preview.grid import make_grid
 from merge_engine.preview.infotext import format_infotext, write_png
@@ -69,12 +70,7 @@ def pick_device(device: str) -> tuple[torch.device, torch.dtype]:
     """"auto": the GPU in fp16 when there is one, else the CPU in fp32."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise OptionsError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise OptionsError(f"device {device!r} asked for, but torch sees no CUDA device")
+    chosen = torch_device(device)
     return chosen, (torch.float16 if chosen.type == "cuda" else torch.float32)
 
 
