@@ -151,7 +151,7 @@ def main() -> int:
 
     for batch in (1, 4):
         jobs = [(i % len(PROMPTS), 1) for i in range(batch)]
-        runs = {"sdmerge": lambda jobs=jobs: renderer._sample(model, planned, jobs)}
+        runs = {"sdmerge": lambda jobs=jobs: renderer._sample(model, jobs)}
         if not args.skip_plain:
             runs["plain"] = _plain_pipeline(model, renderer, batch, size, steps)
         times = _alternating(runs, batch, args.repeat)
@@ -165,7 +165,7 @@ def main() -> int:
             print(f"plain diffusers batch {batch}: {theirs:.3f} s/image (ratio plain/sdmerge {theirs / ours:.2f})", flush=True)
     planned.close()
     te_plan.close()
-    renderer.models.clear()  # the sweep loads its model itself: its time counts in the sweep
+    renderer.model = None  # the sweep loads its model itself: its time counts in the sweep
     render_module._KEPT.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -336,6 +336,15 @@ def _check_text_width(canon: Mapping[str, TensorSpec], architecture: str | None,
             model=model, component="text_encoder", key=next(iter(widths)))
 
 
+def layout_differences(architecture: str, component: str, keys: Iterable[str]) -> tuple[list[str], list[str]]:
+    """A component's keys (canonical, with prefix) against the published layout: those it has
+    that the layout lacks, and those of the layout it lacks (position ids are optional)."""
+    expected = layout(architecture).component_weights(component)
+    keys = set(keys)
+    return (sorted(keys - expected.keys()),
+            sorted(k for k in expected.keys() - keys if not k.endswith(POSITION_IDS)))
+
+
 def _compare_layout(architecture: str, component: str, keys: Iterable[str],
                     canon: Mapping[str, TensorSpec], variant: str | None,
                     model: str | None) -> tuple[bool, list[str]]:
@@ -350,8 +359,7 @@ def _compare_layout(architecture: str, component: str, keys: Iterable[str],
         shape = expected[first_conv].shape
         expected[first_conv] = TensorSpec((shape[0], channels, *shape[2:]), expected[first_conv].dtype)
     keys = set(keys)
-    unknown = sorted(keys - expected.keys())
-    missing = sorted(k for k in expected.keys() - keys if not k.endswith(POSITION_IDS))
+    unknown, missing = layout_differences(architecture, component, keys)
     notes = []
     if unknown and len(unknown) == len(keys):
         raise CheckpointError(f"the {component} keys do not follow the single-file (ldm) layout; "

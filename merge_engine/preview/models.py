@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge_engine.architecture import POSITION_IDS, layout
+from merge_engine.architecture import POSITION_IDS, layout, layout_differences
 from merge_engine.errors import CheckpointError
 from merge_engine.preview.text_encoders import ClipText, OpenClipText
 
@@ -170,7 +170,6 @@ class ComponentModule:
     """One loaded component: its module and how checkpoint keys map onto its parameters."""
 
     component: str
-    kind: str  # unet | vae | clip | open_clip
     module: nn.Module
     sources: dict[str, str]  # module parameter name -> component key (without prefix)
     settings: dict[str, Any]  # text encoders: layer, final_norm, pooled
@@ -199,8 +198,7 @@ def build_component(architecture: str, component: str, shapes: Shapes, *,
             module = cls.from_shapes(shapes)
         sources = {name: name for name, _ in module.named_parameters()}
     _check_names(module, sources, shapes, component, model)
-    return ComponentModule(component, component if component in ("unet", "vae") else settings["kind"],
-                           module, sources, settings)
+    return ComponentModule(component, module, sources, settings)
 
 
 def _check_names(module: nn.Module, sources: dict[str, str], shapes: Shapes, component: str,
@@ -222,22 +220,13 @@ def _check_names(module: nn.Module, sources: dict[str, str], shapes: Shapes, com
                                   model=model, component=component, key=source)
 
 
-def expected_keys(architecture: str, component: str) -> set[str]:
-    """The component's keys in the published layout (without prefix), position ids aside."""
-    lay = layout(architecture)
-    prefix = lay.prefixes[component]
-    return {k[len(prefix):] for k in lay.component_weights(component) if not k.endswith(POSITION_IDS)}
-
-
-def check_complete(architecture: str, component: str, keys: set[str], model: str | None) -> None:
-    """Every key of the published layout must be there, and nothing else (strict loading)."""
-    expected = expected_keys(architecture, component)
-    keys = {k for k in keys if not k.endswith(POSITION_IDS)}
-    prefix = layout(architecture).prefixes[component]
-    missing, extra = sorted(expected - keys), sorted(keys - expected)
+def check_complete(architecture: str, component: str, keys: list[str], model: str | None) -> None:
+    """Every key of the published layout must be there, and nothing else (strict loading);
+    `keys` are canonical, with the component prefix."""
+    extra, missing = layout_differences(architecture, component, keys)
     if missing:
         raise CheckpointError(f"missing tensor ({len(missing)} missing): the preview never runs with "
-                              "random weights", model=model, component=component, key=prefix + missing[0])
+                              "random weights", model=model, component=component, key=missing[0])
     if extra:
         raise CheckpointError(f"unexpected tensor ({len(extra)} not in the {architecture} layout)",
-                              model=model, component=component, key=prefix + extra[0])
+                              model=model, component=component, key=extra[0])

@@ -33,20 +33,17 @@ CHUNK = 1 << 20  # elements summed at a time for in-memory merges
 Fingerprint = tuple[Any, ...]
 
 
-def fingerprint(plan: Plan, component: str, exact_copy: bool) -> Fingerprint:
+def fingerprint(plan: Plan, component: str, keys: list[KeyPlan], exact_copy: bool) -> Fingerprint:
+    """Where a component's weights come from: its inputs (by sha256) and exact weights, and the
+    dtype they are rounded to, or "stored" where they are an input's own bytes (see `_merged`)."""
     terms = tuple((plan.inputs[i].sha256, str(c)) for i, c in plan.components[component])
-    keys = [k for k in plan.keys if k.component == component]
-    shapes = tuple((k.key, k.shape) for k in keys)
-    return (component, terms, "native" if _stored_bytes(plan, keys, exact_copy) else plan.recipe.output.dtype,
-            hash(shapes))
-
-
-def _stored_bytes(plan: Plan, keys: list[KeyPlan], exact_copy: bool) -> bool:
-    """Whether the component's weights are its one input's stored bytes (see `_merged`)."""
-    return exact_copy or all(_is_copy(plan, key) for key in keys)
+    stored = exact_copy or all(_is_copy(plan, key) for key in keys)
+    return component, terms, "stored" if stored else plan.recipe.output.dtype
 
 
 def _is_copy(plan: Plan, key: KeyPlan) -> bool:
+    """A one-term key of weight 1 whose stored dtype is the output's: widening and rounding
+    would give back the stored bytes, so they are used as they are."""
     term = key.terms[0]
     stored = plan.inputs[term.input].checkpoint.tensors[term.key].dtype
     return key.kind == "integer" or (len(key.terms) == 1 and term.coefficient == 1 and stored == key.dtype)
@@ -68,7 +65,7 @@ class PreviewModel:
     modules: dict[str, ComponentModule] = field(default_factory=dict)
     loaded: dict[str, Fingerprint] = field(default_factory=dict)
     shapes: dict[str, Any] = field(default_factory=dict)
-    _text_cache: dict[tuple, Conditioning] = field(default_factory=dict)
+    _text_cache: dict[str, Conditioning] = field(default_factory=dict)
     _uploader: _Uploader | None = None
 
     # -- weights -------------------------------------------------------------------------------
@@ -90,7 +87,7 @@ class PreviewModel:
             pooled_width = next(k.shape[1] for k in keys_of["text_encoder_2"] if k.key == prefix + "text_projection")
         changed = []
         for component in needed:
-            stamp = fingerprint(plan, component, exact_copy)
+            stamp = fingerprint(plan, component, keys_of[component], exact_copy)
             if self.loaded.get(component) == stamp:
                 continue
             if should_cancel and should_cancel():
@@ -108,10 +105,9 @@ class PreviewModel:
         prefix = layout(self.architecture).prefixes[component]
         by_key = {k.key[len(prefix):]: k for k in keys}
         model = plan.recipe.name or plan.inputs[plan.components[component][0][0]].name
-        check_complete(self.architecture, component, set(by_key), model)
+        check_complete(self.architecture, component, [k.key for k in keys], model)
         shapes = {k: p.shape for k, p in by_key.items()}
         if self.shapes.get(component) != shapes:
-            self.loaded.pop(component, None)
             built = build_component(self.architecture, component, shapes, pooled_width=pooled_width, model=model)
             dtype = torch.float32 if self._upcast(component, built) else self.dtype
             built.module.to(dtype).to_empty(device=self.device).eval().requires_grad_(False)
@@ -150,7 +146,7 @@ class PreviewModel:
 
     def encode(self, prompt: str, tokenizer: CLIPTokenizer) -> Conditioning:
         """A prompt's conditioning: emphasis applied per 77-token chunk, chunks concatenated."""
-        cached = self._text_cache.get((prompt,))
+        cached = self._text_cache.get(prompt)
         if cached is not None:
             return cached
         chunks = tokenize_weighted(prompt, tokenizer)
@@ -166,13 +162,13 @@ class PreviewModel:
                 settings = cm.settings
                 with torch.no_grad():
                     z, pool = cm.module(ids, layer=settings["layer"], final_norm=settings["final_norm"],
-                                        **({"pooled": True} if settings["pooled"] else {}))
+                                        pooled=settings["pooled"])
                 parts.append(apply_emphasis(z.float(), weights))
                 if pool is not None and pooled is None:
                     pooled = pool[0].float()  # the first chunk's pooled vector, as the WebUI does
             contexts.append(torch.cat(parts, dim=-1)[0])
         result = Conditioning(torch.cat(contexts, dim=0), pooled)
-        self._text_cache[(prompt,)] = result
+        self._text_cache[prompt] = result
         return result
 
 
@@ -185,8 +181,8 @@ def _merged(plan: Plan, key: KeyPlan, accumulator: CpuAccumulator, staging: torc
         # and round would give back these very bytes.
         checkpoint = plan.inputs[term.input].checkpoint
         info = checkpoint.tensors[term.key]
-        if info.numel * 8 > staging.numel():
-            staging = torch.empty(info.numel * 8, dtype=torch.uint8)
+        if info.nbytes > staging.numel():  # used only where the stored bytes are not aligned
+            staging = torch.empty(info.nbytes, dtype=torch.uint8)
         return checkpoint.read_into(term.key, 0, info.numel, staging)
     out = torch.empty(key.numel, dtype=torch_dtype(key.dtype))
     flat = out.view(torch.uint8)
@@ -195,7 +191,6 @@ def _merged(plan: Plan, key: KeyPlan, accumulator: CpuAccumulator, staging: torc
         stop = min(start + CHUNK, key.numel)
         flat[start * size: stop * size] = accumulator.sum_chunk(key, start, stop)
     return out
-
 
 
 class _Uploader:

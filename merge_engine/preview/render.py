@@ -23,7 +23,7 @@ from merge_engine.preview.grid import make_grid
 from merge_engine.preview.infotext import format_infotext, write_png
 from merge_engine.preview.models import architecture_config, package_config
 from merge_engine.preview.params import DEFAULT_PREDICTION, Sampling
-from merge_engine.preview.pipeline import Conditioning, PreviewModel
+from merge_engine.preview.pipeline import PreviewModel
 from merge_engine.preview.sampling import KARRAS, Schedule, c_in, denoised_from, sample
 from merge_engine.preview.tokenizer import CHUNK_LENGTH, CLIPTokenizer
 from merge_engine.recipe import ModelLeaf, Recipe
@@ -83,9 +83,9 @@ def render_previews(
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     image_name: Callable[[int], str] = lambda n: f"images/{n}.png",
-    grid_name: str | None = "grid.png",
 ) -> PreviewResult:
-    """Sample every (target, prompt, seed) and write the PNGs (and the grid when more than one)."""
+    """Sample every (target, prompt, seed) and write the PNGs under `out_dir` (`image_name`), and
+    `out_dir/grid.png` when there is more than one image."""
     started = time.perf_counter()
     if not targets:
         raise OptionsError("give at least one preview target")
@@ -108,7 +108,7 @@ def render_previews(
                 model = renderer.model_for(planned, is_single_model(target.recipe))
                 model_hash = target.model_hash or _model_hash(target, planned)
                 hashes.append(model_hash)
-                for index, prompt_index, seed, image in renderer.images(model, planned, t):
+                for index, prompt_index, seed, image in renderer.images(model, t):
                     text = format_infotext(sampling.prompts[prompt_index], sampling.negative_prompt, sampling.steps,
                                            sampling.sampler_label, sampling.cfg_scale, seed, sampling.width,
                                            sampling.height, model_hash, target.model_name)
@@ -118,11 +118,10 @@ def render_previews(
                     pixels.append(image)
                     if progress:
                         progress(len(images), total)
-            grid = None
-            if grid_name is not None and len(images) > 1:
+            grid = out / "grid.png" if len(images) > 1 else None
+            if grid is not None:
                 grid_text = _grid_infotext(targets, sampling, hashes[0])
-                written.append(writer.submit(_write, out / grid_name, _grid(targets, sampling, pixels), grid_text))
-                grid = out / grid_name
+                written.append(writer.submit(_write, grid, _grid(targets, sampling, pixels), grid_text))
             for future in written:
                 future.result()
         return PreviewResult(images, grid, time.perf_counter() - started, [t.label for t in targets],
@@ -174,7 +173,7 @@ class _Renderer:
         self.should_cancel = should_cancel
         self.tokenizer = CLIPTokenizer.load()
         self.schedule = Schedule(**package_config()["schedule"])
-        self.models: dict[str, PreviewModel] = {}
+        self.model: PreviewModel | None = None  # one architecture's modules in memory at a time
 
     def model_for(self, planned: Plan, exact_copy: bool) -> PreviewModel:
         architecture = planned.architecture or ""
@@ -183,14 +182,13 @@ class _Renderer:
             raise CheckpointError(f"previews sample text-to-image models; this is a {planned.variant} UNet "
                                   "(it needs an image or mask input)",
                                   model=planned.recipe.name or planned.inputs[0].name, component="unet")
-        if architecture not in self.models:
-            self.models.clear()  # one architecture's modules in memory at a time
-            self.models[architecture] = _kept(architecture, self.device, self.dtype)
-        model = self.models[architecture]
-        model.load(planned, exact_copy=exact_copy, should_cancel=self.should_cancel)
-        return model
+        if self.model is None or self.model.architecture != architecture:
+            self.model = None  # let the old modules go before the new ones are built
+            self.model = _kept(architecture, self.device, self.dtype)
+        self.model.load(planned, exact_copy=exact_copy, should_cancel=self.should_cancel)
+        return self.model
 
-    def images(self, model: PreviewModel, planned: Plan, target_index: int):
+    def images(self, model: PreviewModel, target_index: int):
         s = self.sampling
         jobs = [(p, seed) for p in range(len(s.prompts)) for seed in s.seeds]
         base = target_index * len(jobs)
@@ -198,36 +196,32 @@ class _Renderer:
             if self.should_cancel and self.should_cancel():
                 raise MergeCancelled("preview cancelled")
             batch = jobs[start:start + s.batch_size]
-            decoded = self._sample(model, planned, batch)
+            decoded = self._sample(model, batch)
             for offset, ((prompt_index, seed), image) in enumerate(zip(batch, decoded, strict=True)):
                 yield base + start + offset, prompt_index, seed, image
 
     def _conditioning(self, model: PreviewModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompts' contexts as one batch, each padded with empty-prompt chunks to the
+        longest (one UNet call needs equal lengths, as in the WebUI), and the pooled vectors."""
         conds = [model.encode(p, self.tokenizer) for p in prompts]
-        empty = model.encode("", self.tokenizer)
+        empty = model.encode("", self.tokenizer).context[:WINDOW]
         chunks = max(c.context.shape[0] // WINDOW for c in conds)
-        contexts = [_pad(c, chunks, empty) for c in conds]
+        contexts = [torch.cat([c.context, *[empty] * (chunks - c.context.shape[0] // WINDOW)]) for c in conds]
         pooled = [c.pooled for c in conds]
         return (torch.stack(contexts).to(self.dtype),
                 torch.stack(pooled).to(self.dtype) if pooled[0] is not None else None)
 
-    def _sample(self, model: PreviewModel, planned: Plan, batch: list[tuple[int, int]]) -> list:
+    def _sample(self, model: PreviewModel, batch: list[tuple[int, int]]) -> list:
         s = self.sampling
         n = len(batch)
         prediction = s.prediction_type or DEFAULT_PREDICTION[model.architecture]
-        positive = [s.prompts[p] for p, _ in batch]
-        uncond, uncond_pool = self._conditioning(model, [s.negative_prompt] * n)
-        cond, cond_pool = self._conditioning(model, positive)
-        if uncond.shape[1] != cond.shape[1]:  # equal lengths for one batched UNet call
-            chunks = max(uncond.shape[1], cond.shape[1]) // WINDOW
-            empty = model.encode("", self.tokenizer).context.to(self.dtype)
-            uncond, cond = (_pad_batch(x, chunks, empty) for x in (uncond, cond))
-        context = torch.cat([uncond, cond])
+        # The unconditional half first, then the conditional one, in one batch.
+        context, pooled = self._conditioning(model, [s.negative_prompt] * n + [s.prompts[p] for p, _ in batch])
         added = None
-        if cond_pool is not None:
+        if pooled is not None:
             size = [s.height, s.width, 0, 0, s.height, s.width]
             time_ids = torch.tensor([size] * (2 * n), dtype=self.dtype, device=self.device)
-            added = {"text_embeds": torch.cat([uncond_pool, cond_pool]), "time_ids": time_ids}
+            added = {"text_embeds": pooled, "time_ids": time_ids}
         unet = model.modules["unet"].module
         guidance = s.cfg_scale
 
@@ -277,14 +271,3 @@ def _kept(architecture: str, device: torch.device, dtype: torch.dtype) -> Previe
     return _KEPT[key]
 
 
-def _pad(conditioning: Conditioning, chunks: int, empty: Conditioning) -> torch.Tensor:
-    have = conditioning.context.shape[0] // WINDOW
-    return torch.cat([conditioning.context, *[empty.context[:WINDOW]] * (chunks - have)], dim=0)
-
-
-def _pad_batch(x: torch.Tensor, chunks: int, empty: torch.Tensor) -> torch.Tensor:
-    have = x.shape[1] // WINDOW
-    if have == chunks:
-        return x
-    pad = empty[:WINDOW].unsqueeze(0).expand(x.shape[0], -1, -1)
-    return torch.cat([x, *[pad] * (chunks - have)], dim=1)

@@ -74,7 +74,7 @@ def c_in(sigma: float) -> float:
 
 
 def sample(sampler: str, denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
-           generators: Sequence[torch.Generator], on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+           generators: Sequence[torch.Generator]) -> torch.Tensor:
     """Run `sampler` from x (already scaled by sigmas[0]) down to sigma 0."""
     step = _SAMPLERS[sampler]
     state: dict = {}
@@ -82,8 +82,6 @@ def sample(sampler: str, denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         denoised = denoise(x, sigma)
         x = step(x, denoised, sigma, sigma_next, generators, state)
-        if on_step:
-            on_step(i)
     return x
 
 

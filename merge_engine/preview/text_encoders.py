@@ -101,7 +101,10 @@ class ClipText(nn.Module):
         layers = _count(shapes, "text_model.encoder.layers.")
         return cls(vocab, positions, width, hidden, layers)
 
-    def forward(self, ids: torch.Tensor, layer: int = -1, final_norm: bool = True) -> tuple[torch.Tensor, None]:
+    def forward(self, ids: torch.Tensor, layer: int = -1, final_norm: bool = True,
+                pooled: bool = False) -> tuple[torch.Tensor, None]:
+        if pooled:
+            raise ValueError("CLIP-L conditions no pooled vector in Stable Diffusion")
         model = self.text_model
         x = model.embeddings.token_embedding(ids) + model.embeddings.position_embedding.weight[: ids.shape[1]]
         blocks = model.encoder.layers
