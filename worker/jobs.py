@@ -22,24 +22,13 @@ from merge_engine.execute import ExecOptions, merge
 from merge_engine.plan import ResolvedModel, plan
 from merge_engine.recipe import ModelLeaf, parse_recipe
 from worker import lease
-from worker.lease import Heartbeat, Outcome, new_owner
-
-__all__ = ["claim", "new_owner", "registry_resolver", "run_claimed", "run_merge_job"]
+from worker.lease import Heartbeat, Outcome
 
 
 def run_merge_job(runtime: Runtime, job_id: int, owner: str | None = None) -> str | None:
     """Run the job if it can be claimed (or under `owner`'s lease, already claimed); returns its
     final status, or None if it was not ours."""
     return lease.run_leased(runtime, Job, job_id, lambda heartbeat: _merge(runtime, job_id, heartbeat), owner=owner)
-
-
-def run_claimed(runtime: Runtime, job_id: int, owner: str) -> str | None:
-    """Merge a job whose lease `owner` holds, and record the outcome while the lease is still ours."""
-    return run_merge_job(runtime, job_id, owner)
-
-
-def claim(runtime: Runtime, job_id: int, owner: str) -> bool:
-    return lease.claim(runtime, Job, job_id, owner)
 
 
 def _merge(runtime: Runtime, job_id: int, heartbeat: Heartbeat) -> Outcome:

@@ -11,7 +11,6 @@ found by the worker's streaming pass and fails the analysis with the engine's me
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -127,15 +126,9 @@ def cancel(session: Session, settings: Settings, analysis_id: int) -> dict[str, 
 
 
 def delete(session: Session, settings: Settings, analysis_id: int) -> dict[str, Any] | None:
-    """Queued or running: cancel it (the row stays, `cancelled`). Finished: forget the row and
-    remove its report; None then."""
-    row = leased.get_row(session, Analysis, analysis_id)
-    if row.status in ("queued", "running"):
-        return cancel(session, settings, analysis_id)
-    session.delete(row)
-    session.flush()
-    shutil.rmtree(result_dir(settings, Analysis.kind, analysis_id), ignore_errors=True)
-    return None
+    """Cancels a queued or running analysis; forgets a finished one and removes its report."""
+    row = leased.delete(session, settings, Analysis, analysis_id)
+    return None if row is None else view(settings, row, with_result=False)
 
 
 def view(settings: Settings, row: Analysis, *, with_result: bool) -> dict[str, Any]:

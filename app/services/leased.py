@@ -3,6 +3,7 @@ row, listing newest first, cancelling. Each takes the ORM class of the table."""
 
 from __future__ import annotations
 
+import shutil
 from typing import TypeVar
 
 from sqlalchemy import select, update
@@ -10,6 +11,8 @@ from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
 from app.models import Leased, utcnow
+from app.services.files import result_dir
+from app.settings import Settings
 
 T = TypeVar("T", bound=Leased)
 WHAT = {"job": "merge job", "analysis": "analysis", "preview": "preview"}
@@ -48,3 +51,15 @@ def cancel(session: Session, table: type[T], row_id: int) -> T:
     if not changed:
         raise Conflict(f"{WHAT[table.kind]} is already {row.status}", details={"id": row_id, "status": row.status})
     return row
+
+
+def delete(session: Session, settings: Settings, table: type[T], row_id: int) -> T | None:
+    """Queued or running: cancel it (the row stays, `cancelled`) and return it. Finished: forget
+    the row and remove its published results; None then."""
+    row = get_row(session, table, row_id)
+    if row.status in ("queued", "running"):
+        return cancel(session, table, row_id)
+    session.delete(row)
+    session.flush()
+    shutil.rmtree(result_dir(settings, table.kind, row_id), ignore_errors=True)
+    return None

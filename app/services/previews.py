@@ -8,7 +8,6 @@ like a merge). The sampling parameters are checked by the engine's own torch-fre
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -150,15 +149,9 @@ def cancel(session: Session, preview_id: int) -> dict[str, Any]:
 
 
 def delete(session: Session, settings: Settings, preview_id: int) -> dict[str, Any] | None:
-    """Queued or running: cancel it (the row stays, `cancelled`). Finished: forget the row and
-    remove its images; None then."""
-    row = leased.get_row(session, Preview, preview_id)
-    if row.status in ("queued", "running"):
-        return cancel(session, preview_id)
-    session.delete(row)
-    session.flush()
-    shutil.rmtree(result_dir(settings, Preview.kind, preview_id), ignore_errors=True)
-    return None
+    """Cancels a queued or running preview; forgets a finished one and removes its images."""
+    row = leased.delete(session, settings, Preview, preview_id)
+    return None if row is None else view(row)
 
 
 def view(row: Preview) -> dict[str, Any]:

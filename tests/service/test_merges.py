@@ -88,16 +88,18 @@ def test_concurrent_identical_submissions_make_one_job(client, two_models):
 
 
 def test_cancel_running_job_stops_it_and_leaves_no_file(client, ready_model, runtime, settings):
-    from worker.jobs import claim, new_owner, run_claimed
+    from app.models import Job
+    from worker.jobs import run_merge_job
+    from worker.lease import claim, new_owner
 
     for seed in SLOW_SEEDS:
         ready_model(f"sdxl-{seed}.safetensors")
     job = client.post("/merges", json=SLOW_RECIPE).json()
     owner = new_owner()
-    assert claim(runtime, job["id"], owner)  # the job is running: a cancel only raises its flag
+    assert claim(runtime, Job, job["id"], owner)  # the job is running: a cancel only raises its flag
     cancelled = client.post(f"/merges/{job['id']}/cancel")
     assert cancelled.status_code == 202 and cancelled.json()["status"] == "running"
-    assert run_claimed(runtime, job["id"], owner) == "cancelled"
+    assert run_merge_job(runtime, job["id"], owner) == "cancelled"
     job = client.get(f"/merges/{job['id']}").json()
     assert job["status"] == "cancelled" and job["artifact"] is None
     assert data_files(settings) == []
@@ -180,7 +182,7 @@ def test_reaper_resends_lost_messages_and_requeues_lapsed_leases(client, run_tas
     from sqlalchemy import update
 
     from app.models import Job, utcnow
-    from worker.jobs import claim
+    from worker.lease import claim
     from worker.reaper import reap
 
     lost = client.post("/merges", json=uniform("a", "b")).json()
@@ -188,7 +190,7 @@ def test_reaper_resends_lost_messages_and_requeues_lapsed_leases(client, run_tas
     # The broker lost both messages; one job was also claimed by a worker that then died.
     with runtime.celery.connection_for_read() as connection:
         connection.SimpleQueue("merge").clear()
-    assert claim(runtime, crashed["id"], "deadbeefdeadbeef")
+    assert claim(runtime, Job, crashed["id"], "deadbeefdeadbeef")
     long_ago = utcnow() - timedelta(hours=1)
     with runtime.sessions.begin() as session:
         session.execute(update(Job).values(dispatched_at=long_ago))
