@@ -240,8 +240,11 @@ class _Pass(StreamingPass):
     def _work_device(self, index: int) -> None:
         """The same pass with the Gram on a GPU: each model's chunk is read with positioned reads
         into pinned host memory, copied to the device, widened there to fp64, and `G += M Mᵀ`
-        runs there; the host waits only for the copies before reusing its buffers."""
+        runs there; the host waits only for the copies before reusing its buffers. Whether every
+        sum stayed finite is kept on the device and read once at the end (no sync per chunk); if
+        one did not, the inputs are searched for the tensor at fault."""
         grams: dict = self.results[index]
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         cuda = self.device.type == "cuda"
         pinned = [torch.empty(self.chunk * 8, dtype=torch.uint8, pin_memory=cuda) for _ in range(self.rows)]
         raw = torch.empty((self.rows, self.chunk * 8), dtype=torch.uint8, device=self.device)
@@ -269,16 +272,21 @@ class _Pass(StreamingPass):
                 gram = grams[(component, block)] = torch.zeros((self.rows, self.rows), dtype=torch.float64,
                                                                device=self.device)
             gram.addmm_(rows, rows.T)
-            last = stop == self.layout.numel[keys[0]]
-            if last and not bool(torch.isfinite(gram.diagonal()).all()):  # once per tensor: one sync
-                self._non_finite_tensor(component, keys)
+            finite &= torch.isfinite(gram.diagonal()).all()
             self.advance(sum(n * (ck.tensors[k].nbytes // max(ck.tensors[k].numel, 1))
-                             for ck, k in zip(self.checkpoints, keys, strict=True)), last)
+                             for ck, k in zip(self.checkpoints, keys, strict=True)),
+                         stop == self.layout.numel[keys[0]])
+        if not bool(finite):
+            self._find_non_finite([item[:3] for item in self._items_of(index)])
 
-    def _non_finite_tensor(self, component: str, keys: list[str]) -> None:
-        for checkpoint, key in zip(self.checkpoints, keys, strict=True):
-            if not bool(torch.isfinite(checkpoint.read_tensor(key)).all()):
-                raise NonFiniteError("tensor holds NaN or Inf", model=checkpoint.name, component=component, key=key)
+    def _find_non_finite(self, items: list[tuple[str, str, list[str]]]) -> None:
+        """A sum went non-finite somewhere in `items` (component, block, keys): name the input."""
+        for component, _, keys in dict.fromkeys((c, b, tuple(k)) for c, b, k in items):
+            for checkpoint, key in zip(self.checkpoints, keys, strict=True):
+                if not bool(torch.isfinite(checkpoint.read_tensor(key)).all()):
+                    raise NonFiniteError("tensor holds NaN or Inf", model=checkpoint.name, component=component,
+                                         key=key)
+        component, _, keys = items[0]
         raise NonFiniteError("weights too large for fp64 inner products", component=component, key=keys[0])
 
     def _work_cpu(self, index: int) -> None:

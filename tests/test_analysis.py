@@ -14,7 +14,12 @@ from merge_engine.analysis_math import classical_mds, cluster_order
 from merge_engine.analysis_report import heatmap_inches, map_inches, pixels, write_report
 from merge_engine.checkpoint import open_checkpoint
 from merge_engine.cli import main
-from merge_engine.errors import ArchitectureError, LayoutMismatchError, MergeCancelled
+from merge_engine.errors import (
+    ArchitectureError,
+    LayoutMismatchError,
+    MergeCancelled,
+    NonFiniteError,
+)
 from merge_engine.synthetic import tiny_state_dict
 
 TEXT = "cond_stage_model."
@@ -101,6 +106,21 @@ def test_the_device_path_gives_the_same_matrices(family, make_model, monkeypatch
         _close(figures.figures.l2, l2)
         _close(figures.figures.cosine, cos)
         _close(figures.figures.outlier_score, score)
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_a_nan_in_one_input_is_named(make_model, monkeypatch, device_path):
+    import merge_engine.analysis as analysis
+
+    monkeypatch.setattr(analysis, "_DEVICE_PATH_ON_CPU", device_path)
+    key = "first_stage_model.decoder.conv_in.weight"
+    state = tiny_state_dict("sd2", seed=1)
+    state[key] = state[key].clone()
+    state[key].view(-1)[5] = float("nan")
+    files = [make_model("a.safetensors"), make_model("b.safetensors", state=state), make_model("c.safetensors", seed=2)]
+    with pytest.raises(NonFiniteError) as info:
+        analyze(files, components=["vae"], threads=2, chunk_bytes=1 << 14)
+    assert (info.value.model, info.value.component, info.value.key) == ("b.safetensors", "vae", key)
 
 
 def test_device_errors_are_clear(family):
