@@ -11,7 +11,7 @@ on the event loop itself, on a kept-open read-only connection whose WAL snapshot
 a writer (tens of microseconds, less than the hop to a thread and back), and moves to a thread
 only if it finds the database locked; on other databases it runs in a thread, on a pooled
 connection and without an ORM session, with thread tokens of its own. Requests that plan
-recipes (`Db.run_heavy`) run at most one per core at a time.
+recipes (`Db.run_heavy`) run at most one per spare core (cores - 1, at least 1) at a time.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ async def get_settings_dep(request: Request) -> Settings:
 
 class _Limiters:
     """Thread budgets, made on the running loop (anyio needs one). Plans are CPU work under the
-    GIL: more of them at once than there are cores only slows every thread of the process, the
-    threads reading status polls included, so they queue on the loop for `heavy` instead of
-    filling the thread pool. Status polls that need a thread get tokens of their own (`reads`),
+    GIL: more of them at once than there are spare cores (one is left to the event loop and the
+    polls) only slows every thread of the process, so they queue on the loop for `heavy` instead
+    of filling the thread pool. Status polls that need a thread get tokens of their own (`reads`),
     so they never wait behind a queue of other requests for one."""
 
     _per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Limiters] = weakref.WeakKeyDictionary()
@@ -78,7 +78,7 @@ class Db:
         return await run_in_threadpool(self._transaction, service, args, kwargs)
 
     async def run_heavy(self, service: Callable[..., T], *args: Any) -> T:
-        """`run` for requests that plan recipes (CPU-bound): at most one per core at a time."""
+        """`run` for requests that plan recipes (CPU-bound): at most one per spare core at a time."""
         return await anyio.to_thread.run_sync(self._transaction, service, args, {}, limiter=_Limiters.get().heavy)
 
     async def read(self, query: Callable[..., T], *args: Any) -> T:
