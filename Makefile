@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 
 .PHONY: venv run test lint demo bench clean
 
-$(BIN)/sdmerge: pyproject.toml
+$(BIN)/sdmerge: pyproject.toml setup.py merge_engine/_kernels.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"

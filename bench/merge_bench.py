@@ -26,7 +26,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 SDMERGE = REPO / ".venv" / "bin" / "sdmerge"
-COMPETITORS = ("sdmerge", "reference", "mecha")
+COMPETITORS = ("sdmerge", "sdmerge-torch", "reference", "mecha")
+DEFAULT_COMPETITORS = ("sdmerge", "reference", "mecha")  # sdmerge-torch: the CLI without its native kernel
 MECHA_CONFIG_ID = "sd2-ldm"
 MECHA_COMPONENTS = {"unet": "unet", "text_encoder": "clip_h", "vae": "vae"}
 TARGETS = {"reference_over_sdmerge": 2.5, "mecha_over_sdmerge": 10.0, "rss_mib": 1024.0, "rss_growth": 0.10}
@@ -157,7 +158,7 @@ def warm(paths: list[Path]) -> float:
 # ---- one merge of each competitor ---------------------------------------------------------
 
 def command_for(competitor: str, inputs: list[Path], output: Path, work: Path, args: argparse.Namespace) -> list[str]:
-    if competitor == "sdmerge":
+    if competitor in ("sdmerge", "sdmerge-torch"):
         recipe = work / f"uniform-{len(inputs)}.json"
         recipe.write_text(json.dumps({"name": f"bench-uniform-{len(inputs)}",
                                       "merge": {"method": "uniform", "models": [str(p) for p in inputs]},
@@ -176,6 +177,8 @@ def run_one(competitor: str, inputs: list[Path], work: Path, args: argparse.Name
     output.unlink(missing_ok=True)
     warm(inputs)
     load = os.getloadavg()[0]
+    if competitor == "sdmerge-torch":
+        env = dict(env, SDMERGE_NATIVE="0")
     result = measured(command_for(competitor, inputs, output, work, args), work / f"{label}.log", env)
     started = time.perf_counter()  # what making its output durable costs (sdmerge fsyncs itself)
     fd = os.open(output, os.O_RDONLY)
@@ -251,7 +254,7 @@ def summarise(runs: list[dict], checks: list[dict], ns: list[int]) -> dict:
     ratios: dict[str, float] = {}
     for n in ns:
         base = rows.get(f"sdmerge@{n}")
-        for other in ("reference", "mecha"):
+        for other in ("sdmerge-torch", "reference", "mecha"):
             if base and (row := rows.get(f"{other}@{n}")):
                 ratios[f"{other}_over_sdmerge_wall_n{n}"] = row["wall_median_s"] / base["wall_median_s"]
                 # CPU seconds are steadier than wall time when the cores are shared
@@ -326,7 +329,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[4, 8], help="model counts to merge (default: 4 8)")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per competitor and N (median reported)")
-    p.add_argument("--only", nargs="+", choices=COMPETITORS, default=list(COMPETITORS))
+    p.add_argument("--only", nargs="+", choices=COMPETITORS, default=list(DEFAULT_COMPETITORS),
+                   help="competitors to run (default: sdmerge reference mecha)")
     p.add_argument("--mecha-python", default="/tmp/mecha-venv/bin/python", help="python with sd-mecha installed")
     p.add_argument("--small", action="store_true", help="tiny SD2-shaped checkpoints (real keys), for a quick check")
     p.add_argument("--distinct", type=int, default=0,

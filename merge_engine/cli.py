@@ -149,6 +149,7 @@ def _fail_unresolved(unresolved: list[Any]) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    from . import kernels
     from .execute import ExecOptions, merge
     from .plan import plan
     from .progress import ProgressBar
@@ -166,6 +167,8 @@ def _merge(args: argparse.Namespace) -> int:
     if not args.quiet:
         for warning in merge_plan.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+        if args.device == "cpu" and kernels.native() is None:
+            print(f"note: merged with {kernels.describe()}, 2-3x slower", file=sys.stderr)
         print(f"wrote {result.path} ({result.size / 1e9:.2f} GB, {len(merge_plan.keys)} tensors, "
               f"{result.seconds:.1f} s)")
     if result.sha256:

@@ -2,9 +2,9 @@
 
 Memory does not grow with the number of models or their size: a few worker threads take
 (key, chunk) items in output order, each sums its chunk with its own cache-sized buffers
-(accumulate.py), rounds once to the output dtype, and writes the bytes with a positioned write
-at the offset the plan laid out. Threads need no ordering, and the bytes are the same whatever
-the thread count.
+(accumulate.py), rounds once to the output dtype, and puts the bytes at the offset the plan laid
+out, in the output's blocks (output.py). Threads need no ordering, and the bytes are the same
+whatever the thread count.
 
 The file is written under a temporary name, fsynced and renamed: a crash or an error never
 leaves a file that looks complete, and nothing is left behind.
@@ -12,10 +12,7 @@ leaves a file that looks complete, and nothing is left behind.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
-import hashlib
 import os
 import threading
 import time
@@ -27,13 +24,15 @@ import torch
 
 from .accumulate import CpuAccumulator, DeviceAccumulator
 from .checkpoint import ITEMSIZE
-from .errors import LayoutMismatchError, RecipeError, StorageError
-from .passes import Progress, StreamingPass, torch_device
+from .errors import LayoutMismatchError, OptionsError, RecipeError, StorageError
+from .output import ALIGN, BLOCK_BYTES, BlockWriter
+from .passes import Progress, StreamingPass, thread_count, torch_device
 from .plan import KeyPlan, Plan
 
-CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: stays in cache between the widen and the add
+CHUNK_ELEMENTS = 1 << 21  # per item: few enough Python calls that their cost is lost in the arithmetic
 DEVICE_CHUNK_ELEMENTS = 1 << 22  # on a GPU, fewer and bigger reads and copies win
-HASH_BLOCK = 16 << 20
+ITEM_INPUT_BYTES = 16 << 20  # on a CPU, chunks shrink as models are added: 2Mi elements of 4 fp16 models
+MIN_CHUNK_ELEMENTS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,18 @@ class ExecOptions:
     threads: int = 0  # 0: one per core, at most 4 (the work is memory-bound beyond that)
     device: str = "cpu"
     chunk_elements: int = CHUNK_ELEMENTS
+    block_bytes: int = BLOCK_BYTES  # the output is written in blocks of this size (a multiple of 4 KiB)
 
     def torch_device(self) -> torch.device:
         return torch_device(self.device)
+
+    def check(self) -> None:
+        """Impossible options fail before anything is written."""
+        self.torch_device()
+        if self.chunk_elements < 1:
+            raise OptionsError(f"chunk_elements must be at least 1, not {self.chunk_elements}")
+        if self.block_bytes < ALIGN or self.block_bytes % ALIGN:
+            raise OptionsError(f"block_bytes must be a positive multiple of {ALIGN}, not {self.block_bytes}")
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ def merge(
     overwrite: bool = False,
     compute_sha256: bool = False,
 ) -> MergeResult:
-    options.torch_device()  # an impossible device fails before anything is written
+    options.check()
     output = Path(output_path).absolute()
     if any(output.resolve() == item.path for item in plan.inputs):
         raise RecipeError("the recipe references its own output file", model=output.name)
@@ -86,15 +94,20 @@ def merge(
         except OSError as exc:
             raise StorageError(f"cannot write the output in {exc.filename or output.parent}: {exc.strerror}",
                                model=output.name) from None
-        hasher = _OutputHasher(partial, len(plan.header), plan.output_size) if compute_sha256 else None
         try:
             _reserve(fd, plan.output_size, output)
-            os.pwrite(fd, plan.header, 0)
-            _Run(plan, fd, options, progress, should_cancel, hasher).run_threads()
+            writer = BlockWriter(fd, plan.output_size, threads=thread_count(options.threads),
+                                 hash_output=compute_sha256, name=output.name, block_bytes=options.block_bytes)
+            try:
+                writer.put(0, torch.frombuffer(bytearray(plan.header), dtype=torch.uint8))
+                _Run(plan, writer, options, progress, should_cancel).run_threads()
+                digest = writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
             os.fsync(fd)
         finally:
             os.close(fd)
-            digest = hasher.finish() if hasher else None
         os.replace(partial, output)
         _fsync_dir(output.parent)
     except BaseException:
@@ -111,60 +124,64 @@ def merge(
 class _Run(StreamingPass):
     """One execution: (key, chunk) items taken in output order by a few threads."""
 
-    def __init__(self, plan: Plan, fd: int, options: ExecOptions,
-                 progress: Callable[[Progress], None] | None, should_cancel: Callable[[], bool] | None,
-                 hasher: _OutputHasher | None = None):
+    def __init__(self, plan: Plan, writer: BlockWriter, options: ExecOptions,
+                 progress: Callable[[Progress], None] | None, should_cancel: Callable[[], bool] | None):
         super().__init__([i.checkpoint for i in plan.inputs], options.threads, len(plan.keys),
                          plan.bytes_to_read, progress, should_cancel, "merge")
-        self.plan, self.fd, self.options, self.hasher = plan, fd, options, hasher
+        self.plan, self.writer, self.options = plan, writer, options
         self.data_start = len(plan.header)
         self.acc_dtype = torch.float64 if plan.recipe.output.accumulate == "fp64" else torch.float32
         self.check_finite = plan.recipe.output.non_finite == "error"
         self.device = options.torch_device()
+        self.on_cpu = self.device.type == "cpu"
         self.chunk = options.chunk_elements
         if self.device.type != "cpu" and options.chunk_elements == CHUNK_ELEMENTS:
             self.chunk = DEVICE_CHUNK_ELEMENTS
-        self.items = enumerate(self._items())
-        self.finished: dict[int, int] = {}  # item index -> its end in the file, done out of order
-        self.next_unfinished = 0
+        self.items = self._items()
 
     def _items(self) -> Iterator[tuple[KeyPlan, int, int, bool]]:
-        step = self.chunk
+        """(key, start, stop, last) in file order. A chunk that would cross a boundary between the
+        writer's blocks ends there instead (where the boundary falls between two elements), so
+        nearly every chunk is rounded straight into its block."""
+        block = self.writer.block
         for key in self.plan.keys:
-            if key.kind == "integer" or key.numel <= step:
+            if key.kind == "integer" or key.numel == 0:
                 yield key, 0, key.numel, True
                 continue
-            for start in range(0, key.numel, step):
+            step = self.chunk
+            if self.on_cpu:  # the input mapped for one item stays the same size whatever the model count
+                step = min(step, max(MIN_CHUNK_ELEMENTS, ITEM_INPUT_BYTES // self._input_bytes_per_element(key)))
+            size, base = ITEMSIZE[key.dtype], self.data_start + key.offset
+            start = 0
+            while start < key.numel:
                 stop = min(start + step, key.numel)
+                boundary = (base + start * size) // block * block + block
+                if base + stop * size > boundary and (boundary - base) % size == 0:
+                    stop = (boundary - base) // size
                 yield key, start, stop, stop == key.numel
+                start = stop
 
     def work(self, index: int) -> None:
         accumulator = self._accumulator()
         while not self.stop.is_set():
             with self.lock:
-                number, item = next(self.items, (None, None))
+                item = next(self.items, None)
             if item is None:
                 return
             key, start, stop, last = item
-            data = self._integer(key) if key.kind == "integer" else accumulator.sum_chunk(key, start, stop)
-            os.pwrite(self.fd, memoryview(data.numpy()), self.data_start + key.offset + start * ITEMSIZE[key.dtype])
-            with self.lock:
-                self._finished(number, self.data_start + key.offset + stop * ITEMSIZE[key.dtype])
-            self.advance(sum((stop - start) * ITEMSIZE[self.plan.inputs[t.input].checkpoint.tensors[t.key].dtype]
-                             for t in key.terms), last)
+            size = ITEMSIZE[key.dtype]
+            offset, nbytes = self.data_start + key.offset + start * size, (stop - start) * size
+            into = self.writer.claim(offset, nbytes, size) if key.kind == "float" and self.on_cpu else None
+            if into is not None:
+                accumulator.sum_chunk(key, start, stop, into)
+                self.writer.commit(offset, nbytes)
+            else:
+                self.writer.put(offset, self._integer(key) if key.kind == "integer"
+                                else accumulator.sum_chunk(key, start, stop))
+            self.advance((stop - start) * self._input_bytes_per_element(key), last)
 
-    def after_sweep(self) -> None:
-        start_writeback(self.fd)
-
-    def _finished(self, index: int, end: int) -> None:
-        """Items finish nearly in order; the output is complete up to the first unfinished one."""
-        self.finished[index] = end
-        complete = None
-        while self.next_unfinished in self.finished:
-            complete = self.finished.pop(self.next_unfinished)
-            self.next_unfinished += 1
-        if complete is not None and self.hasher is not None:
-            self.hasher.advance(complete)
+    def _input_bytes_per_element(self, key: KeyPlan) -> int:
+        return sum(ITEMSIZE[self.plan.inputs[t.input].checkpoint.tensors[t.key].dtype] for t in key.terms)
 
     def _accumulator(self) -> CpuAccumulator:
         args = (self.plan, self.acc_dtype, self.chunk, self.check_finite)
@@ -197,20 +214,6 @@ def _reserve(fd: int, size: int, output: Path) -> None:
         os.ftruncate(fd, size)  # a file system without fallocate
 
 
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux
-        return None
-
-
-def start_writeback(fd: int) -> None:
-    """Start writing the dirty pages out now, so the final fsync finds little left to do."""
-    if (call := _sync_file_range()) is not None:
-        call(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), ctypes.c_uint(2))  # SYNC_FILE_RANGE_WRITE
-
-
 def _make_parents(folder: Path) -> list[Path]:
     created = []
     for parent in [folder, *folder.parents]:
@@ -227,46 +230,3 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class _OutputHasher:
-    """sha256 of the output, computed while it is written: a thread follows the complete prefix
-    of the file, reading it back from the page cache, so no second pass is needed at the end."""
-
-    def __init__(self, path: Path, ready: int, size: int):
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = size
-        self.ready = ready  # the header is written first
-        self.hashed = 0
-        self.digest = hashlib.sha256()
-        self.changed = threading.Condition()
-        self.stopped = False
-        self.thread = threading.Thread(target=self._follow, daemon=True)
-        self.thread.start()
-
-    def advance(self, complete: int) -> None:
-        with self.changed:
-            self.ready = max(self.ready, complete)
-            self.changed.notify()
-
-    def finish(self) -> str | None:
-        """The digest once the whole file is hashed; None if the merge stopped early."""
-        with self.changed:
-            self.stopped = True
-            self.changed.notify()
-        self.thread.join()
-        os.close(self.fd)
-        return self.digest.hexdigest() if self.hashed == self.size else None
-
-    def _follow(self) -> None:
-        while True:
-            with self.changed:
-                while self.ready - self.hashed < HASH_BLOCK and self.ready < self.size and not self.stopped:
-                    self.changed.wait()
-                ready, stopped = self.ready, self.stopped
-            while self.hashed < ready:
-                block = os.pread(self.fd, min(HASH_BLOCK, ready - self.hashed), self.hashed)
-                self.digest.update(block)
-                self.hashed += len(block)
-            if stopped or self.hashed >= self.size:
-                return

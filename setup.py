@@ -1,0 +1,15 @@
+"""The one native part: merge_engine/_kernels.c. It is optional: where it cannot be compiled
+(no C compiler), the package installs without it and merges take the slower torch path."""
+
+import sys
+
+from setuptools import Extension, setup
+
+unix = sys.platform != "win32"
+setup(ext_modules=[Extension(
+    "merge_engine._kernels",
+    ["merge_engine/_kernels.c"],
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"] if unix else ["/O2", "/fp:precise"],
+    libraries=["m"] if unix else [],
+    optional=True,
+)])
