@@ -185,14 +185,20 @@ PyDoc_STRVAR(weighted_sum_doc,
 "limit (a NaN is not). portable=True uses the portable code even where vectors are available.");
 
 static PyObject *weighted_sum(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
     static char *keywords[] = {"out", "out_kind", "n", "terms", "limit", "portable", NULL};
-    unsigned long long out_address, n;
+    unsigned long long out_address;
+    Py_ssize_t n;
     int out_kind, portable = 0;
     PyObject *sequence;
     float limit;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KiKOf|p", keywords, &out_address, &out_kind, &n, &sequence,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "KinOf|p", keywords, &out_address, &out_kind, &n, &sequence,
                                      &limit, &portable))
         return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "n must not be negative");
+        return NULL;
+    }
     if (out_kind < KIND_F16 || out_kind > KIND_F32) {
         PyErr_SetString(PyExc_ValueError, "unknown output kind");
         return NULL;
@@ -241,7 +247,9 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused weighted sums for merges.", -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_kernels", "Fused weighted sums for merges.", -1, methods, NULL, NULL, NULL, NULL,
+};
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&module);

@@ -106,5 +106,7 @@ def test_bad_arguments_are_refused():
         module.weighted_sum(out.data_ptr(), 2, 4, [(out.data_ptr(), 9, 1.0)], 1.0)
     with pytest.raises(ValueError, match="unknown output kind"):
         module.weighted_sum(out.data_ptr(), 7, 4, [(out.data_ptr(), 2, 1.0)], 1.0)
+    with pytest.raises(ValueError, match="negative"):
+        module.weighted_sum(out.data_ptr(), 2, -1, [(out.data_ptr(), 2, 1.0)], 1.0)
     with pytest.raises(TypeError, match="a term is"):
         module.weighted_sum(out.data_ptr(), 2, 4, [(out.data_ptr(), 2)], 1.0)
