@@ -57,6 +57,9 @@ class CpuAccumulator:
         (uint8, aligned for the output dtype) when given, else in a buffer of this accumulator."""
         if self.native is not None and (done := self.sum_native(key, start, stop, into)) is not None:
             return done
+        return self.sum_torch(key, start, stop, into)
+
+    def sum_torch(self, key: KeyPlan, start: int, stop: int, into: torch.Tensor | None) -> torch.Tensor:
         n = stop - start
         acc, scratch = self.acc[:n], self.scratch[:n]
         for j, term in enumerate(key.terms):
@@ -74,16 +77,12 @@ class CpuAccumulator:
             if src.dtype not in kernels.KINDS or not src.is_contiguous():
                 return None
             terms.append((src.data_ptr(), kernels.KINDS[src.dtype], term.coefficient))
-        n = stop - start
         if into is None:
-            into = self.out[: n * ITEMSIZE[key.dtype]]
+            into = self.out[: (stop - start) * ITEMSIZE[key.dtype]]
         limit = torch.finfo(out_dtype).max if self.check_finite else float("inf")
-        if not self.native.weighted_sum(into.data_ptr(), kernels.KINDS[out_dtype], n, terms, limit) and self.check_finite:
-            # Something is not finite or out of range: the torch path finds and names it.
-            acc = self.acc[:n]
-            for j, term in enumerate(key.terms):
-                add_term(acc, self.read(key, j, start, stop, self.staging), term.coefficient, j == 0, self.scratch[:n])
-            return self.finish(key, start, stop, acc, into)
+        in_range = self.native.weighted_sum(into.data_ptr(), kernels.KINDS[out_dtype], stop - start, terms, limit)
+        if not in_range and self.check_finite:
+            return self.sum_torch(key, start, stop, into)  # something is not finite: the torch path names it
         return into
 
     def _staging(self, j: int) -> torch.Tensor:

@@ -135,7 +135,7 @@ class _Run(StreamingPass):
         self.device = options.torch_device()
         self.on_cpu = self.device.type == "cpu"
         self.chunk = options.chunk_elements
-        if self.device.type != "cpu" and options.chunk_elements == CHUNK_ELEMENTS:
+        if not self.on_cpu and options.chunk_elements == CHUNK_ELEMENTS:
             self.chunk = DEVICE_CHUNK_ELEMENTS
         self.items = self._items()
 
@@ -185,7 +185,7 @@ class _Run(StreamingPass):
 
     def _accumulator(self) -> CpuAccumulator:
         args = (self.plan, self.acc_dtype, self.chunk, self.check_finite)
-        if self.device.type == "cpu":
+        if self.on_cpu:
             return CpuAccumulator(*args)
         return DeviceAccumulator(*args, self.device)
 

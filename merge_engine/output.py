@@ -43,8 +43,8 @@ class BlockWriter:
         self.changed = threading.Condition()
         self.open: dict[int, list] = {}  # block index -> [buffer, bytes filled]
         self.free: list[torch.Tensor] = []
-        self.allocated, self.limit = 0, 2 * threads + 6
-        self.maps: list[mmap.mmap] = []
+        self.maps: list[mmap.mmap] = []  # every buffer's memory, at most `limit` of them
+        self.limit = 2 * threads + 6
         self.error: BaseException | None = None
         self.to_write: queue.SimpleQueue = queue.SimpleQueue()
         self.digest = hashlib.sha256() if hash_output else None
@@ -108,7 +108,7 @@ class BlockWriter:
                     raise self.error
                 if index in self.open:
                     return self.open[index][0]
-                if self.free or self.allocated < self.limit:
+                if self.free or len(self.maps) < self.limit:
                     break
                 self.changed.wait()
             buffer = self.free.pop() if self.free else self._allocate()
@@ -118,7 +118,6 @@ class BlockWriter:
     def _allocate(self) -> torch.Tensor:
         area = mmap.mmap(-1, self.block)  # page-aligned, as direct I/O needs
         self.maps.append(area)
-        self.allocated += 1
         return torch.frombuffer(area, dtype=torch.uint8)
 
     def _filled(self, index: int, n: int) -> None:
@@ -135,9 +134,9 @@ class BlockWriter:
             index, buffer = item
             try:
                 self._write(index, buffer)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - handed to the merge threads, which wait on this one
                 with self.changed:
-                    self.error = self.error or _storage_error(exc, self.name)
+                    self.error = self.error or (_storage_error(exc, self.name) if isinstance(exc, OSError) else exc)
                     self.changed.notify_all()
             self._written(index, buffer)
 
