@@ -168,7 +168,7 @@ def _merge(args: argparse.Namespace) -> int:
         for warning in merge_plan.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         if args.device == "cpu" and kernels.native() is None:
-            print(f"note: merged with {kernels.describe()}, 2-3x slower", file=sys.stderr)
+            print(f"note: merged with {kernels.describe()}, which is slower", file=sys.stderr)
         print(f"wrote {result.path} ({result.size / 1e9:.2f} GB, {len(merge_plan.keys)} tensors, "
               f"{result.seconds:.1f} s)")
     if result.sha256:
