@@ -169,9 +169,6 @@ class Recipe(_Frozen):
             raise ValueError("name must be non-empty and hold no path separators")
         return value
 
-    def source_for(self, component: str) -> Source:
-        return self.components.get(component, self.merge)
-
     def canonical_json(self) -> str:
         return canonical_json(self.model_dump(mode="json"))
 
