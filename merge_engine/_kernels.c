@@ -8,13 +8,22 @@
    them bit for bit), and the same as the GPU path.
 
    Sources and output are fp16, bf16 or fp32. On x86 CPUs with AVX2, FMA and F16C (2013 on), a
-   vector version is chosen at run time; elsewhere a portable one gives the same results. */
+   vector version is chosen at run time; elsewhere a portable one gives the same results.
+
+   Also here: the guard that lets inputs be read through a memory mapping safely (see below). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#ifndef _WIN32
+#define HAVE_GUARD 1
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_X86_VECTOR 1
@@ -242,19 +251,151 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args, PyObject *kwargs) 
     return PyBool_FromLong(!bad);
 }
 
+/* ---- the mapping guard ----
+
+   Inputs are read through read-only mappings of their files. If a file shrinks while it is mapped
+   (truncated, or rewritten by a tool that truncates first), touching a page past its new end raises
+   SIGBUS, which kills the process wherever it happens: in this kernel, in torch, anywhere. So every
+   mapping is registered here, and a SIGBUS handler that finds the faulting address in a registered
+   mapping replaces the rest of that mapping with zero pages, notes the fault, and returns: the read
+   goes on with zeros, and the reader, which checks `guard_faulted` after each chunk it reads, raises
+   a clear error instead. A fault anywhere else goes to the handler that was there before (Python's
+   faulthandler, or the default action). mmap is a plain system call on Linux, safe in a handler. */
+
+#ifdef HAVE_GUARD
+#define GUARD_SLOTS 4096
+
+typedef struct {
+    uintptr_t start;
+    size_t length; /* whole pages */
+    int used, faulted;
+} guard_t;
+
+static guard_t guards[GUARD_SLOTS];
+static struct sigaction previous_action;
+static size_t page_size = 4096;
+
+static void on_sigbus(int sig, siginfo_t *info, void *context) {
+    uintptr_t address = (uintptr_t)info->si_addr;
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        guard_t *g = &guards[i];
+        if (!__atomic_load_n(&g->used, __ATOMIC_ACQUIRE) || address - g->start >= g->length) continue;
+        uintptr_t from = address & ~(uintptr_t)(page_size - 1);
+        void *zeros = mmap((void *)from, g->start + g->length - from, PROT_READ,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        if (zeros == MAP_FAILED) break;
+        __atomic_store_n(&g->faulted, 1, __ATOMIC_RELEASE);
+        return;
+    }
+    if (previous_action.sa_flags & SA_SIGINFO) {
+        previous_action.sa_sigaction(sig, info, context);
+    } else if (previous_action.sa_handler != SIG_DFL && previous_action.sa_handler != SIG_IGN) {
+        previous_action.sa_handler(sig);
+    } else {
+        signal(sig, SIG_DFL); /* the faulting access runs again and ends the process, as without us */
+    }
+}
+
+/* Ours must be the handler when a mapping is registered; whoever installed one since (Python's
+   faulthandler, say) becomes the one we pass foreign faults to. */
+static int install_handler(void) {
+    struct sigaction current;
+    if (sigaction(SIGBUS, NULL, &current) != 0) return -1;
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == on_sigbus) return 0;
+    struct sigaction ours;
+    memset(&ours, 0, sizeof ours);
+    ours.sa_sigaction = on_sigbus;
+    ours.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&ours.sa_mask);
+    previous_action = current;
+    return sigaction(SIGBUS, &ours, NULL);
+}
+#endif
+
+PyDoc_STRVAR(guard_map_doc,
+"guard_map(address, length) -> int\\n\\n"
+"Register the mapping [address, address + length): a SIGBUS inside it no longer kills the process\\n"
+"(see guard_faulted). Returns the slot to pass to guard_faulted and guard_release, or -1 where\\n"
+"nothing can be guarded (then do not read the file through a mapping).");
+
+static PyObject *guard_map(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long address;
+    Py_ssize_t length;
+    if (!PyArg_ParseTuple(args, "Kn", &address, &length)) return NULL;
+#ifdef HAVE_GUARD
+    if (length <= 0 || install_handler() != 0) return PyLong_FromLong(-1);
+    for (int i = 0; i < GUARD_SLOTS; i++) {
+        guard_t *g = &guards[i];
+        if (__atomic_load_n(&g->used, __ATOMIC_ACQUIRE)) continue; /* only taken under the GIL */
+        g->start = (uintptr_t)address;
+        g->length = ((size_t)length + page_size - 1) & ~(page_size - 1);
+        __atomic_store_n(&g->faulted, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&g->used, 1, __ATOMIC_RELEASE);
+        return PyLong_FromLong(i);
+    }
+#endif
+    return PyLong_FromLong(-1);
+}
+
+static int slot_arg(PyObject *args, int *slot) {
+    if (!PyArg_ParseTuple(args, "i", slot)) return -1;
+#ifdef HAVE_GUARD
+    if (*slot >= 0 && *slot < GUARD_SLOTS) return 0;
+#endif
+    PyErr_SetString(PyExc_ValueError, "no such guard slot");
+    return -1;
+}
+
+PyDoc_STRVAR(guard_faulted_doc, "guard_faulted(slot) -> bool: whether a read of that mapping has faulted.");
+
+static PyObject *guard_faulted(PyObject *self, PyObject *args) {
+    (void)self;
+    int slot;
+    if (slot_arg(args, &slot) < 0) return NULL;
+#ifdef HAVE_GUARD
+    return PyBool_FromLong(__atomic_load_n(&guards[slot].faulted, __ATOMIC_ACQUIRE));
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+PyDoc_STRVAR(guard_release_doc,
+"guard_release(slot) -> bool\\n\\nForget the mapping (before unmapping it); returns whether it faulted.");
+
+static PyObject *guard_release(PyObject *self, PyObject *args) {
+    (void)self;
+    int slot;
+    if (slot_arg(args, &slot) < 0) return NULL;
+#ifdef HAVE_GUARD
+    int faulted = __atomic_load_n(&guards[slot].faulted, __ATOMIC_ACQUIRE);
+    __atomic_store_n(&guards[slot].used, 0, __ATOMIC_RELEASE);
+    return PyBool_FromLong(faulted);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"weighted_sum", (PyCFunction)(void (*)(void))weighted_sum, METH_VARARGS | METH_KEYWORDS, weighted_sum_doc},
+    {"guard_map", guard_map, METH_VARARGS, guard_map_doc},
+    {"guard_faulted", guard_faulted, METH_VARARGS, guard_faulted_doc},
+    {"guard_release", guard_release, METH_VARARGS, guard_release_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_kernels", "Fused weighted sums for merges.", -1, methods, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "_kernels", "Fused weighted sums for merges, and the guard of mapped inputs.", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     const char *isa = "portable";
+#ifdef HAVE_GUARD
+    long page = sysconf(_SC_PAGESIZE);
+    if (page > 0) page_size = (size_t)page;
+#endif
 #ifdef HAVE_X86_VECTOR
     if (has_vector()) {
         chosen = sum_vector;

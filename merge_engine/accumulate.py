@@ -55,9 +55,12 @@ class CpuAccumulator:
     def sum_chunk(self, key: KeyPlan, start: int, stop: int, into: torch.Tensor | None = None) -> torch.Tensor:
         """The rounded weighted sum of elements [start, stop), as bytes ready to write: in `into`
         (uint8, aligned for the output dtype) when given, else in a buffer of this accumulator."""
-        if self.native is not None and (done := self.sum_native(key, start, stop, into)) is not None:
-            return done
-        return self.sum_torch(key, start, stop, into)
+        done = self.sum_native(key, start, stop, into) if self.native is not None else None
+        if done is None:
+            done = self.sum_torch(key, start, stop, into)
+        for term in key.terms:  # a file that shrank under its mapping was read as zeros: refuse them
+            self.plan.inputs[term.input].checkpoint.check_intact(term.key)
+        return done
 
     def sum_torch(self, key: KeyPlan, start: int, stop: int, into: torch.Tensor | None) -> torch.Tensor:
         n = stop - start

@@ -64,5 +64,6 @@ def component_digest(checkpoint: Checkpoint, file_keys: Sequence[str]) -> str:
         for start in range(0, info.numel, step):
             values = checkpoint.read_into(key, start, min(start + step, info.numel), staging)
             digest.update(memoryview(values.contiguous().view(torch.uint8).numpy()))
+            checkpoint.check_intact(key)
         checkpoint.release()
     return digest.hexdigest()

@@ -64,6 +64,13 @@ class CheckpointError(SdmergeError):
     code = "bad_checkpoint"
 
 
+class InputChangedError(CheckpointError):
+    """A file was written, truncated or replaced while it was read, or since it was hashed: what
+    was read may not be what its recorded hashes describe."""
+
+    code = "input_changed"
+
+
 class ArchitectureError(SdmergeError):
     """Sources of a merge belong to different architectures or UNet variants."""
 

@@ -136,6 +136,7 @@ class PreviewModel:
                 uploader.abort()
             raise
         for item in plan.inputs:
+            item.checkpoint.check_unchanged()  # the weights loaded are those the fingerprint names
             item.checkpoint.release()
 
     def _upcast(self, component: str, built: ComponentModule) -> bool:
