@@ -37,6 +37,9 @@ class Model(Base):
     path: Mapped[str] = mapped_column(String(4096), unique=True)
     size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    # Of the version that was hashed (set with the hashes): a merge refuses the file in any other.
+    inode: Mapped[int | None] = mapped_column(BigInteger)
+    ctime_ns: Mapped[int | None] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16), default="hashing")
     error: Mapped[str | None] = mapped_column(Text)
     architecture: Mapped[str | None] = mapped_column(String(32), index=True)

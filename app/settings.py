@@ -28,6 +28,7 @@ class Settings:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     merge_threads: int = 0
     merge_device: str = "cpu"
+    verify_inputs: bool = False  # also sha256 every input during a merge (see ExecOptions.verify_inputs)
     preview_device: str = "auto"
     db_pool_size: int = 10
 
@@ -79,6 +80,7 @@ def settings_from_env(env: dict[str, str] | os._Environ = os.environ) -> Setting
         max_upload_bytes=int(env.get("SDMERGE_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)),
         merge_threads=int(env.get("SDMERGE_MERGE_THREADS", 0)),
         merge_device=env.get("SDMERGE_MERGE_DEVICE", "cpu"),
+        verify_inputs=env.get("SDMERGE_VERIFY_INPUTS", "0").lower() in ("1", "true", "yes"),
         preview_device=env.get("SDMERGE_PREVIEW_DEVICE") or "auto",
         db_pool_size=int(env.get("SDMERGE_DB_POOL_SIZE", 10)),
     )

@@ -109,6 +109,8 @@ def analyze(models: Sequence[AnalysisInput | str | os.PathLike[str]], components
             result.components[component] = component_figures(
                 blocks, relative=base_input is not None, identical=identical,
                 keys=len(layout.keys[component]), params=layout.params[component])
+        for checkpoint in checkpoints:  # the figures are of the files the report names
+            checkpoint.check_unchanged()
     finally:
         for checkpoint in checkpoints:
             checkpoint.close()
@@ -305,6 +307,7 @@ class _Pass(StreamingPass):
                 if values.element_size() == 2:
                     values = single[:n].copy_(values)
                 widened[row, :n].copy_(values)
+                checkpoint.check_intact(key)
             widened[1:, :n] -= widened[0, :n]
             gram = grams.get((component, block))
             if gram is None:

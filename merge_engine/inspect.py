@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from .architecture import detect
-from .checkpoint import open_checkpoint
-from .hashing import hash_file
+from .checkpoint import FileVersion, open_checkpoint
+from .errors import InputChangedError
+from .hashing import hash_fd, hash_version
+from .jsonsafe import try_loads
 
 
 def inspect_checkpoint(path: str | os.PathLike[str], *, hashes: bool = True) -> dict[str, Any]:
+    return inspect_version(path, hashes=hashes)[0]
+
+
+def inspect_version(path: str | os.PathLike[str], *, hashes: bool = True) -> tuple[dict[str, Any], FileVersion]:
+    """The report, and the version of the file it describes: header and hashes are read through
+    one open file, and a file that changed meanwhile is an error (InputChangedError)."""
     path = Path(path)
     with open_checkpoint(path) as checkpoint:
         info = detect(checkpoint.tensors, model=checkpoint.name)
@@ -39,15 +46,19 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, hashes: bool = True) -> 
             "metadata": {k: _maybe_json(v) for k, v in checkpoint.metadata.items()},
             "warnings": list(info.warnings),
         }
-    if hashes:
-        result["hashes"] = hash_file(path).to_dict()
-    return result
+        if hashes:
+            fd = checkpoint.fileno()
+            found, version = hash_fd(fd, path.resolve()) if fd is not None else hash_version(path)
+            if version != checkpoint.version:
+                raise InputChangedError("the file changed while it was inspected", model=checkpoint.name,
+                                        details={"path": str(path)})
+            result["hashes"] = found.to_dict()
+    return result, checkpoint.version
 
 
 def _maybe_json(value: str) -> Any:
-    if value[:1] in "{[":
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            pass
+    """A metadata value that holds JSON (A1111's recipes), decoded; anything else, poison
+    included (nested too deep, numbers of thousands of digits), as the text it is."""
+    if value[:1] in "{[" and (decoded := try_loads(value)) is not None:
+        return decoded
     return value

@@ -19,24 +19,37 @@ from typing import Any
 
 from . import __version__
 from .architecture import ModelInfo, check_compatible, detect, native_dtype
-from .checkpoint import ITEMSIZE, Checkpoint, open_checkpoint
-from .errors import ArchitectureError, LayoutMismatchError, ResolveError
-from .hashing import hash_file
+from .checkpoint import ITEMSIZE, Checkpoint, FileVersion, open_checkpoint
+from .errors import ArchitectureError, InputChangedError, LayoutMismatchError, ResolveError
+from .hashing import hash_fd, hash_version
+from .jsonsafe import try_loads
 from .methods import flatten
 from .recipe import COMPONENTS, Leaf, ModelLeaf, Recipe, all_leaves, canonical_json, rewrite_leaves
 
 OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 OPTIONAL_KEYS = ("position_ids",)  # files written by transformers >= 4.31 lack it
+MAX_CARRIED_LINEAGE = 4 << 20  # an input's recorded lineage bigger than this is not carried forward
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """Where a recipe leaf lives. Hashes are optional: the registry knows them, the CLI computes them."""
+    """Where a recipe leaf lives. Hashes are optional: the registry knows them, the CLI computes
+    them. Given hashes come with the version of the file they were computed from (as much of it
+    as the registry recorded): a file found in another version is refused, not trusted."""
 
     path: Path
     name: str
     sha256: str | None = None
     legacy: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+    inode: int | None = None
+    ctime_ns: int | None = None
+
+    def changes(self, version: FileVersion) -> list[str]:
+        """What differs between the hashed version and `version` (only what was recorded)."""
+        known = {"size": self.size, "mtime_ns": self.mtime_ns, "inode": self.inode, "ctime_ns": self.ctime_ns}
+        return [name for name, value in known.items() if value is not None and getattr(version, name) != value]
 
 
 Resolver = Callable[[Leaf], ResolvedModel]
@@ -158,15 +171,11 @@ def _open_inputs(recipe: Recipe, resolver: Resolver) -> tuple[list[PlannedInput]
             resolved = resolver(leaf)
             real = resolved.path.resolve()
             if real not in by_path:
-                sha256, legacy = resolved.sha256, resolved.legacy
-                if sha256 is None or legacy is None:
-                    hashes = hash_file(real)
-                    sha256, legacy = hashes.sha256, hashes.legacy
                 checkpoint = open_checkpoint(real, name=resolved.name)
-                info = _detect(checkpoint)
                 by_path[real] = len(inputs)
                 label = leaf.label() if isinstance(leaf, ModelLeaf) else leaf
-                inputs.append(PlannedInput(label, real, resolved.name, sha256, legacy, checkpoint, info))
+                sha256, legacy = _hashes(checkpoint, resolved)
+                inputs.append(PlannedInput(label, real, resolved.name, sha256, legacy, checkpoint, _detect(checkpoint)))
             found = inputs[by_path[real]]
             if isinstance(leaf, ModelLeaf) and leaf.sha256 and leaf.sha256 != found.sha256:
                 raise ResolveError(
@@ -181,16 +190,36 @@ def _open_inputs(recipe: Recipe, resolver: Resolver) -> tuple[list[PlannedInput]
     return inputs, index_of
 
 
-_DETECTED: dict[tuple[Path, int, int, str], ModelInfo] = {}
+def _hashes(checkpoint: Checkpoint, resolved: ResolvedModel) -> tuple[str, str]:
+    """The hashes of the very file version that was opened: computed from its descriptor, or the
+    given ones if they were computed from this version."""
+    if resolved.sha256 is not None and resolved.legacy is not None:
+        if changes := resolved.changes(checkpoint.version):
+            raise InputChangedError(f"the file changed since it was hashed ({', '.join(changes)} differ); "
+                                    "it must be hashed again", model=resolved.name,
+                                    details={"path": str(checkpoint.path)})
+        return resolved.sha256, resolved.legacy
+    if checkpoint.fileno() is not None:
+        hashes, version = hash_fd(checkpoint.fileno(), checkpoint.path)
+    else:
+        hashes, version = hash_version(checkpoint.path)
+    if version != checkpoint.version:
+        raise InputChangedError(f"the file changed while it was planned ({', '.join(checkpoint.version.differences(version))})",
+                                model=resolved.name, details={"path": str(checkpoint.path)})
+    return hashes.sha256, hashes.legacy
+
+
+_DETECTED: dict[tuple[FileVersion, str], ModelInfo] = {}
+DETECTED_CACHE_FILES = 64  # each holds a file's key lists: a few hundred KB for SDXL
 
 
 def _detect(checkpoint: Checkpoint) -> ModelInfo:
     """Detection once per file version: the service plans the same files again and again."""
-    version = (checkpoint.path, checkpoint.size, checkpoint.mtime_ns, checkpoint.name)
+    version = (checkpoint.version, checkpoint.name)
     info = _DETECTED.get(version)
     if info is None:
         info = detect(checkpoint.tensors, model=checkpoint.name)
-        if len(_DETECTED) >= 64:
+        if len(_DETECTED) >= DETECTED_CACHE_FILES:
             _DETECTED.pop(next(iter(_DETECTED)), None)
         _DETECTED[version] = info
     return info
@@ -316,17 +345,13 @@ def _lay_out(keys: list[KeyPlan]) -> list[KeyPlan]:
 def _metadata(canonical: Recipe, recipe_hash: str, inputs: list[PlannedInput]) -> dict[str, str]:
     """Provenance: our canonical recipe, plus A1111's two keys so the WebUI shows the lineage."""
     models: dict[str, Any] = {}
-    for item in inputs:  # like the WebUI, carry the inputs' own lineage forward
-        try:
-            models.update(json.loads(item.checkpoint.metadata.get("sd_merge_models", "{}")))
-        except (json.JSONDecodeError, TypeError):
-            pass
+    for item in inputs:  # like the WebUI, carry the inputs' own lineage forward (if it is readable)
+        lineage = item.checkpoint.metadata.get("sd_merge_models", "")
+        if len(lineage) <= MAX_CARRIED_LINEAGE and isinstance(found := try_loads(lineage), dict):
+            models.update(found)
     for item in inputs:
-        own = item.checkpoint.metadata.get("sd_merge_recipe")
-        try:
-            own_recipe = json.loads(own) if own else None
-        except json.JSONDecodeError:
-            own_recipe = None
+        own = item.checkpoint.metadata.get("sd_merge_recipe", "")
+        own_recipe = try_loads(own) if len(own) <= MAX_CARRIED_LINEAGE else None
         models[item.sha256] = {"name": item.path.name, "legacy_hash": item.legacy,
                                "sd_merge_recipe": own_recipe}
     a1111_recipe = {

@@ -17,11 +17,12 @@ from sqlalchemy.orm import Session
 from app.models import Artifact, Job, Model
 from app.runtime import Runtime
 from app.services.files import artifact_path, job_output_path
-from merge_engine.errors import ResolveError
+from merge_engine.errors import InputChangedError, ResolveError
 from merge_engine.execute import ExecOptions, merge
 from merge_engine.plan import ResolvedModel, plan
 from merge_engine.recipe import ModelLeaf, parse_recipe
 from worker import lease
+from worker.hashing import mark_changed
 from worker.lease import Heartbeat, Outcome
 
 
@@ -34,14 +35,21 @@ def run_merge_job(runtime: Runtime, job_id: int, owner: str | None = None) -> st
 def _merge(runtime: Runtime, job_id: int, heartbeat: Heartbeat) -> Outcome:
     settings = runtime.settings
     output = job_output_path(settings, job_id, heartbeat.owner)
+    options = ExecOptions(settings.merge_threads, settings.merge_device, verify_inputs=settings.verify_inputs)
     try:
-        planned = plan(_load_recipe(runtime, job_id), registry_resolver(runtime))
         try:
-            result = merge(planned, output, options=ExecOptions(settings.merge_threads, settings.merge_device),
-                           progress=heartbeat.record, should_cancel=heartbeat.should_stop,
-                           tmp_dir=settings.tmp_dir, compute_sha256=True)
-        finally:
-            planned.close()
+            planned = plan(_load_recipe(runtime, job_id), registry_resolver(runtime))
+            try:
+                result = merge(planned, output, options=options, progress=heartbeat.record,
+                               should_cancel=heartbeat.should_stop, tmp_dir=settings.tmp_dir, compute_sha256=True)
+            finally:
+                planned.close()
+        except InputChangedError as exc:  # fail this attempt; the file's hashes are stale
+            if path := exc.details.get("path"):
+                rehash = mark_changed(runtime.sessions, path)
+                exc.details["rehashing_models"] = rehash
+                exc.message += "; resubmit once the model is hashed again" if rehash else ""
+            raise
         stored = artifact_path(settings, result.sha256)
         stored.parent.mkdir(parents=True, exist_ok=True)
         os.replace(result.path, stored)  # same bytes if another attempt got here first
@@ -82,6 +90,7 @@ def registry_resolver(runtime: Runtime):
         with runtime.sessions() as session:
             models = list(session.scalars(select(Model).where(Model.sha256 == sha256, Model.status == "ready")))
             artifact = session.scalar(select(Artifact).where(Artifact.sha256 == sha256)) if sha256 else None
+        changed = None
         for model in models:
             path = Path(model.path)
             try:
@@ -89,7 +98,13 @@ def registry_resolver(runtime: Runtime):
             except OSError:
                 continue
             if (stat.st_size, stat.st_mtime_ns) == (model.size, model.mtime_ns):
-                return ResolvedModel(path, model.name, model.sha256, model.legacy_hash)
+                # The plan compares the file it opens with every field the hash task recorded.
+                return ResolvedModel(path, model.name, model.sha256, model.legacy_hash, model.size,
+                                     model.mtime_ns, model.inode, model.ctime_ns)
+            changed = changed or model
+        if changed is not None and artifact is None:
+            raise InputChangedError("the file changed since it was hashed (size or mtime differ)",
+                                    model=changed.name, details={"path": changed.path})
         if artifact is not None and (path := artifact_path(runtime.settings, artifact.sha256)).is_file():
             return ResolvedModel(path, artifact.filename, artifact.sha256)
         label = leaf.label() if isinstance(leaf, ModelLeaf) else str(leaf)
