@@ -21,7 +21,6 @@ variants with plain ones, which A1111 did channel by channel.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
+from . import jsonsafe
 from .errors import CheckpointError, RecipeError
 from .recipe import ModelLeaf, Recipe, parse_recipe, rewrite_leaves
 
@@ -48,6 +48,8 @@ METHOD_WEIGHTS: dict[str, tuple[Callable[[Fraction], Fraction], ...]] = {
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HEX_PREFIX = re.compile(r"[0-9a-f]{10,64}")
 _MAX_HEADER = 100 * 1024 * 1024
+MAX_LINEAGE_DEPTH = 256  # merges of merges; the recursion below takes a few frames per level
+MAX_LINEAGE_MODELS = 10_000
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,8 @@ class A1111Conversion:
 def _decode(value: Any, what: str, model: str | None = None) -> Any:
     """A1111 stores both keys as JSON strings in safetensors metadata; dumps may hold objects."""
     if isinstance(value, str | bytes):
-        try:
-            return json.loads(value)
-        except ValueError as exc:
-            raise RecipeError(f"{what} is not valid JSON: {exc}", model=model) from None
+        return jsonsafe.loads(value, what=what, error=RecipeError, model=model)
+    jsonsafe.check_depth(value, what=what, error=RecipeError, model=model)
     return value
 
 
@@ -93,24 +93,21 @@ def is_a1111_metadata(data: Mapping[str, Any]) -> bool:
 def load_a1111_metadata(path: str | Path) -> dict[str, Any]:
     """The bare metadata mapping, both keys decoded, from a JSON dump or a .safetensors header."""
     path = Path(path)
+    whole = jsonsafe.read_file(path, "metadata file", _MAX_HEADER + 8, RecipeError, prefix=True)  # a FIFO is refused
+    length = int.from_bytes(whole[:8], "little") if len(whole) >= 8 else -1
+    # A safetensors file is a length then a JSON header; JSON text read as a length is huge.
+    is_header = 0 < length <= min(len(whole) - 8, _MAX_HEADER) and whole[8:9] == b"{"
+    raw = whole[8:8 + length] if is_header else whole
     try:
-        with path.open("rb") as f:
-            head = f.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            # A safetensors file is a length then a JSON header; JSON text read as a length is huge.
-            is_header = 0 < length <= min(path.stat().st_size - 8, _MAX_HEADER) and f.read(1) == b"{"
-            f.seek(8 if is_header else 0)
-            raw = f.read(length if is_header else _MAX_HEADER)
-    except OSError as exc:
-        raise RecipeError(f"cannot read {path}: {exc.strerror}", model=str(path)) from None
-    try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except ValueError as exc:
-        if is_header:
-            raise CheckpointError(f"{path.name}: the safetensors header is not valid JSON ({exc})",
-                                  model=str(path)) from None
-        raise RecipeError(f"{path.name} is neither a JSON dump nor a .safetensors file ({exc})",
-                          model=str(path)) from None
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = None
+    if is_header:
+        data = jsonsafe.loads(text or raw, what=f"the safetensors header of {path.name}", error=CheckpointError,
+                              model=str(path))
+    else:
+        data = jsonsafe.loads(text or raw, what=f"{path.name} (neither a JSON dump nor a .safetensors file)",
+                              error=RecipeError, model=str(path))
     inner = _inner(data) if isinstance(data, Mapping) else None
     if inner is None:
         raise RecipeError(f"{path.name} holds no A1111 merge metadata (sd_merge_recipe)", model=str(path))
@@ -223,6 +220,9 @@ class _Walk:
                               details={"cycle": cycle})
         if sha in self.memo:
             return self.memo[sha], {**node, "repeated": True}
+        if len(self.active) >= MAX_LINEAGE_DEPTH:
+            raise RecipeError(f"the lineage is more than {MAX_LINEAGE_DEPTH} merges deep", model=label,
+                              details={"max_depth": MAX_LINEAGE_DEPTH})
         recipe = _decode(entry.get("sd_merge_recipe"), "sd_merge_recipe", label)
         reason = None if recipe is None else self.keep_reason(name, recipe)
         if recipe is None or reason:
@@ -284,6 +284,8 @@ def convert_a1111(metadata: Mapping[str, Any], *, expand: Expand = "lineage") ->
     models = _decode(inner.get("sd_merge_models"), "sd_merge_models")
     if not isinstance(models, Mapping):
         raise RecipeError("sd_merge_models is missing or not an object")
+    if len(models) > MAX_LINEAGE_MODELS:
+        raise RecipeError(f"sd_merge_models lists {len(models)} models; at most {MAX_LINEAGE_MODELS} are read")
     name = top.get("custom_name") or None if isinstance(top, Mapping) else None
     walk = _Walk(top, models, expand)
     weights, tree = walk.recipe(top, name or "the merge", top=True)
@@ -331,12 +333,12 @@ def resolve_overrides(items: list[str]) -> dict[str, str]:
 
 
 def apply_resolution(
-    conversion: A1111Conversion, overrides: Mapping[str, str], find_by_name: Callable[[str], Path | None]
+    conversion: A1111Conversion, overrides: Mapping[str, str], find: Callable[[LeafWeight], Path | None]
 ) -> tuple[Recipe, list[LeafWeight]]:
     """The recipe with leaves located where known, and the leaves still unresolved.
 
     A leaf takes an override matching its sha256 prefix, else one matching its name or base name
-    (A1111 names hold the sub-folder), else `find_by_name(name)`. An override must match exactly
+    (A1111 names hold the sub-folder), else `find(leaf)` (by sha256, the name a hint). An override must match exactly
     one leaf. A located leaf becomes `{"sha256", "name": path}`: paths are not hashed here, the
     plan checks each file against the sha256.
     """
@@ -357,7 +359,7 @@ def apply_resolution(
     unresolved: list[LeafWeight] = []
     for leaf in leaves:
         key = next((k for k in by_hash_first if matches(k, leaf)), None)
-        path = overrides[key] if key else (find_by_name(leaf.name) if leaf.name else None)
+        path = overrides[key] if key else find(leaf)
         if path is None:
             unresolved.append(leaf)
         else:

@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, jsonsafe
 from .errors import RecipeError, SdmergeError
 from .preview.command import add_parser as add_preview_parser
 
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--hash", action="store_true", help="also print the output's sha256 (computed while writing)")
+    p.add_argument("--verify-inputs", action="store_true",
+                   help="also hash every input while merging and compare with its recorded sha256")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(handler=_merge)
 
@@ -113,25 +115,22 @@ def load_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
     from .resolve import FileResolver
 
     path = args.recipe
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file {path} does not exist") from None
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe file {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"recipe file {path} is not valid JSON: {exc}") from None
+    data = jsonsafe.loads(jsonsafe.read_file(path, "recipe file", MAX_RECIPE_BYTES, RecipeError),
+                          what=f"recipe file {path}", error=RecipeError)
     resolver = FileResolver(path.parent, args.model_root)
     if isinstance(data, dict) and is_a1111_metadata(data):
         recipe, unresolved = apply_resolution(convert_a1111(data), _overrides(args.resolve),
-                                              lambda name: _try_find(resolver, name))
+                                              lambda leaf: _locate(resolver, leaf))
         _fail_unresolved(unresolved)
         return recipe, resolver
     return parse_recipe(data), resolver
 
 
-def _try_find(resolver: Any, name: str) -> Path | None:
-    path = resolver.find(name, required=False)
+MAX_RECIPE_BYTES = 64 << 20
+
+
+def _locate(resolver: Any, leaf: Any) -> Path | None:
+    path = resolver.locate(leaf.sha256, leaf.name)
     return path.resolve() if path else None
 
 
@@ -158,8 +157,9 @@ def _merge(args: argparse.Namespace) -> int:
     merge_plan = plan(recipe, resolver)
     try:
         bar = None if args.quiet else ProgressBar(sys.stderr)
-        result = merge(merge_plan, args.output, options=ExecOptions(threads=args.threads, device=args.device),
-                       progress=bar, overwrite=args.overwrite, compute_sha256=args.hash)
+        options = ExecOptions(threads=args.threads, device=args.device, verify_inputs=args.verify_inputs)
+        result = merge(merge_plan, args.output, options=options, progress=bar, overwrite=args.overwrite,
+                       compute_sha256=args.hash)
         if bar:
             bar.close()
     finally:
@@ -247,7 +247,7 @@ def _convert(args: argparse.Namespace) -> int:
     if args.resolve or args.model_root:
         resolver = FileResolver(Path.cwd(), args.model_root)
         recipe, unresolved = apply_resolution(conversion, _overrides(args.resolve),
-                                              lambda name: _try_find(resolver, name))
+                                              lambda leaf: _locate(resolver, leaf))
         _fail_unresolved(unresolved)
     for warning in conversion.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import jsonsafe
 from .errors import RecipeError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
@@ -184,11 +185,20 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+MAX_LEAF_REFERENCES = 10_000  # model references in one recipe, repeats included
+MAX_DISTINCT_LEAVES = 1_000  # distinct models; the largest community soups have about 200
+
+
 def parse_recipe(data: Mapping[str, Any] | str | bytes) -> Recipe:
-    """Validate a recipe from JSON text or a decoded object; errors become `RecipeError`."""
+    """Validate a recipe from JSON text or a decoded object; errors become `RecipeError`.
+    Its size is bounded before pydantic builds anything (see `check_recipe_size`)."""
+    what = "the recipe (a weighted or uniform merge takes any number of models: flatten chains)"
+    if isinstance(data, str | bytes):
+        data = jsonsafe.loads(data, what=what, error=RecipeError)
+    else:
+        jsonsafe.check_depth(data, what=what, error=RecipeError)
+    check_recipe_size(data)
     try:
-        if isinstance(data, str | bytes):
-            return Recipe.model_validate_json(data)
         return Recipe.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -197,6 +207,41 @@ def parse_recipe(data: Mapping[str, Any] | str | bytes) -> Recipe:
             f"invalid recipe at {path}: {first['msg']}",
             details={"errors": json.loads(exc.json(include_url=False, include_input=False))},
         ) from None
+
+
+def check_recipe_size(data: Any) -> None:
+    """Refuse a recipe (decoded JSON, not yet validated) with more model references than
+    `MAX_LEAF_REFERENCES` or more distinct models than `MAX_DISTINCT_LEAVES`, walking it without
+    recursion: a 100 MB body of millions of references fails here, in milliseconds."""
+    if not isinstance(data, Mapping):
+        return
+    components = data.get("components")
+    stack = [data.get("merge"), *(components.values() if isinstance(components, Mapping) else ())]
+    references, distinct = 0, set()
+    while stack:
+        source = stack.pop()
+        if isinstance(source, Mapping) and "method" in source:
+            for name in ("a", "b", "c"):
+                stack.append(source.get(name))
+            models = source.get("models")
+            for item in models if isinstance(models, list) else ():
+                stack.append(item["model"] if isinstance(item, Mapping) and "method" not in item
+                             and "model" in item else item)
+            continue
+        if isinstance(source, str):
+            leaf: Any = source
+        elif isinstance(source, Mapping):
+            leaf = (str(source.get("sha256")), str(source.get("name")))
+        else:
+            continue
+        references += 1
+        distinct.add(leaf)
+        if references > MAX_LEAF_REFERENCES:
+            raise RecipeError(f"the recipe references models more than {MAX_LEAF_REFERENCES} times",
+                              details={"max_references": MAX_LEAF_REFERENCES})
+        if len(distinct) > MAX_DISTINCT_LEAVES:
+            raise RecipeError(f"the recipe names more than {MAX_DISTINCT_LEAVES} distinct models",
+                              details={"max_models": MAX_DISTINCT_LEAVES})
 
 
 def iter_leaves(source: Source) -> Iterator[Leaf]:

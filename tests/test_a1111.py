@@ -296,14 +296,14 @@ def test_apply_resolution_by_hash_name_and_lookup():
     conversion = convert_a1111(data)
     found = {"c.safetensors": Path("/found/c.safetensors")}
     overrides = resolve_overrides([f"{a[:10]}=/m/a.safetensors", "b.safetensors=/m/b.safetensors"])
-    recipe, unresolved = apply_resolution(conversion, overrides, found.get)
+    recipe, unresolved = apply_resolution(conversion, overrides, lambda leaf: found.get(leaf.name))
     assert unresolved == [LeafWeight(d, "d.safetensors", Fraction(1, 2))]
     # located leaves keep their sha256, so the plan can check the file is the one meant
     assert all_leaves(recipe) == [ModelLeaf(sha256=a, name="/m/a.safetensors"), ModelLeaf(sha256=b, name="/m/b.safetensors"),
                                   ModelLeaf(sha256=c, name="/found/c.safetensors"), ModelLeaf(sha256=d, name="d.safetensors")]
     assert [i.weight for i in recipe.merge.inputs()] == [0.5, 0.5, -0.5, 0.5]
     with pytest.raises(RecipeError, match="matches no model") as caught:
-        apply_resolution(conversion, {"zzz.safetensors": "/x"}, found.get)
+        apply_resolution(conversion, {"zzz.safetensors": "/x"}, lambda leaf: found.get(leaf.name))
     assert caught.value.model == "zzz.safetensors"
 
 
@@ -312,6 +312,6 @@ def test_apply_resolution_refuses_an_ambiguous_prefix():
     conversion = convert_a1111(metadata(webui(a, b, name="top"),
                                         **{a: entry("a.safetensors"), b: entry("b.safetensors")}))
     with pytest.raises(RecipeError, match="several models"):
-        apply_resolution(conversion, {"ab" * 5: "/x"}, lambda name: None)
-    recipe, unresolved = apply_resolution(conversion, {}, lambda name: None)
+        apply_resolution(conversion, {"ab" * 5: "/x"}, lambda leaf: None)
+    recipe, unresolved = apply_resolution(conversion, {}, lambda leaf: None)
     assert recipe == conversion.recipe and len(unresolved) == 2

@@ -68,12 +68,15 @@ def test_plan_json_and_model_root_lookup(make_model, write_recipe, tmp_path, cap
 
 
 def test_ambiguous_name_under_model_roots(make_model, write_recipe, tmp_path, capsys):
-    make_model("a.safetensors", seed=1)
-    (tmp_path / "models" / "copy").mkdir()
-    make_model("copy/a.safetensors", seed=1)
+    for folder in ("x", "y"):
+        (tmp_path / "models" / folder).mkdir(parents=True)
+        make_model(f"{folder}/a.safetensors", seed=1)
     recipe = write_recipe({"merge": "a.safetensors"})
     assert main(["plan", str(recipe), "--model-root", str(tmp_path / "models")]) == 2
     assert "ambiguous" in capsys.readouterr().err
+    # a path relative to a model root names one file
+    recipe = write_recipe({"merge": "y/a.safetensors"})
+    assert main(["plan", str(recipe), "--model-root", str(tmp_path / "models")]) == 0
 
 
 def test_inspect_and_hash(make_model, capsys):
