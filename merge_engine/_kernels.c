@@ -292,7 +292,8 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
     } else if (previous_action.sa_handler != SIG_DFL && previous_action.sa_handler != SIG_IGN) {
         previous_action.sa_handler(sig);
     } else {
-        signal(sig, SIG_DFL); /* the faulting access runs again and ends the process, as without us */
+        signal(sig, SIG_DFL); /* a faulting access runs again and ends the process, as without us */
+        if (info->si_code <= 0) raise(sig); /* sent by kill(): nothing runs again, so send it on */
     }
 }
 

@@ -171,7 +171,10 @@ class Checkpoint:
                     return None
                 import torch
 
-                self._map = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
+                try:  # the size the header was checked against: never a shorter file's
+                    self._map = mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ)
+                except ValueError:  # "mmap length is greater than file size": it shrank already
+                    raise self._shrunk(None) from None
                 with warnings.catch_warnings():  # read-only on purpose: nothing writes through it
                     warnings.simplefilter("ignore", UserWarning)
                     self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)

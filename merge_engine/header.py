@@ -91,6 +91,9 @@ def parse_header(raw: bytes, size: int, name: str) -> Header:
         text = raw.decode("utf-8")  # strict: no UTF-16/32, which json.loads would sniff and accept
     except UnicodeDecodeError as exc:
         raise CheckpointError(f"header is not UTF-8 (byte {exc.start}): not a safetensors file", model=name) from None
+    if "\x00" in text:  # valid UTF-8, but JSON allows no raw NUL: UTF-16/32 text read as bytes
+        raise CheckpointError("header holds NUL bytes: UTF-16 or UTF-32 text, not the UTF-8 the format requires",
+                              model=name)
     if not text.startswith("{"):
         what = "a byte-order mark" if text.startswith("\ufeff") else repr(text[:1])
         raise CheckpointError(f"header must begin with '{{', not {what}", model=name)
