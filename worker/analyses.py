@@ -16,6 +16,7 @@ from merge_engine.analysis import AnalysisInput, analyze
 from merge_engine.analysis_report import write_report
 from merge_engine.recipe import ModelLeaf
 from worker import lease
+from worker.hashing import rehash_if_changed
 from worker.jobs import registry_resolver
 from worker.lease import Heartbeat, Outcome
 
@@ -43,10 +44,11 @@ def _analyze(runtime: Runtime, analysis_id: int, heartbeat: Heartbeat) -> Outcom
 
     staging = staging_dir(settings, Analysis.kind, analysis_id, heartbeat.owner)
     try:
-        result = analyze([as_input(m) for m in request["models"]], request["components"], request["metrics"],
-                         base=as_input(request["base"]) if request["base"] else None,
-                         progress=heartbeat.record, should_cancel=heartbeat.should_stop,
-                         threads=settings.merge_threads, device=settings.merge_device)
+        with rehash_if_changed(runtime.sessions):
+            result = analyze([as_input(m) for m in request["models"]], request["components"], request["metrics"],
+                             base=as_input(request["base"]) if request["base"] else None,
+                             progress=heartbeat.record, should_cancel=heartbeat.should_stop,
+                             threads=settings.merge_threads, device=settings.merge_device)
         heartbeat.check()
         write_report(result, staging / "report", formats=REPORT_FORMATS)
         heartbeat.check()

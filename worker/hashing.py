@@ -8,6 +8,8 @@ error (a killed worker's model is re-sent by the reaper).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import select
@@ -15,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.dispatch import enqueue
 from app.models import Model, utcnow
-from merge_engine.errors import SdmergeError
+from merge_engine.errors import InputChangedError, SdmergeError
 from merge_engine.inspect import inspect_version
 from worker.celery_app import HASH_TASK
 
@@ -74,6 +76,21 @@ def stored_metadata(metadata: dict) -> dict:
         kept[key] = value
         total += size
     return kept
+
+
+@contextmanager
+def rehash_if_changed(sessions: sessionmaker[Session]) -> Iterator[None]:
+    """Work that reads registered files: if one turns out changed since it was hashed, the work
+    fails (the error propagates) and the file's models are hashed again."""
+    try:
+        yield
+    except InputChangedError as exc:
+        if path := exc.details.get("path"):
+            rehashing = mark_changed(sessions, path)
+            if rehashing:
+                exc.details["rehashing_models"] = rehashing
+                exc.message += "; it is being hashed again: resubmit once it is ready"
+        raise
 
 
 def mark_changed(sessions: sessionmaker[Session], path: str) -> list[int]:

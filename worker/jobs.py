@@ -22,7 +22,7 @@ from merge_engine.execute import ExecOptions, merge
 from merge_engine.plan import ResolvedModel, plan
 from merge_engine.recipe import ModelLeaf, parse_recipe
 from worker import lease
-from worker.hashing import mark_changed
+from worker.hashing import rehash_if_changed
 from worker.lease import Heartbeat, Outcome
 
 
@@ -37,19 +37,13 @@ def _merge(runtime: Runtime, job_id: int, heartbeat: Heartbeat) -> Outcome:
     output = job_output_path(settings, job_id, heartbeat.owner)
     options = ExecOptions(settings.merge_threads, settings.merge_device, verify_inputs=settings.verify_inputs)
     try:
-        try:
+        with rehash_if_changed(runtime.sessions):  # this attempt fails; the file's hashes are stale
             planned = plan(_load_recipe(runtime, job_id), registry_resolver(runtime))
             try:
                 result = merge(planned, output, options=options, progress=heartbeat.record,
                                should_cancel=heartbeat.should_stop, tmp_dir=settings.tmp_dir, compute_sha256=True)
             finally:
                 planned.close()
-        except InputChangedError as exc:  # fail this attempt; the file's hashes are stale
-            if path := exc.details.get("path"):
-                rehash = mark_changed(runtime.sessions, path)
-                exc.details["rehashing_models"] = rehash
-                exc.message += "; resubmit once the model is hashed again" if rehash else ""
-            raise
         stored = artifact_path(settings, result.sha256)
         stored.parent.mkdir(parents=True, exist_ok=True)
         os.replace(result.path, stored)  # same bytes if another attempt got here first

@@ -15,6 +15,7 @@ from app.runtime import Runtime
 from app.services.files import publish_dir, result_dir, staging_dir
 from merge_engine.recipe import parse_recipe
 from worker import lease
+from worker.hashing import rehash_if_changed
 from worker.jobs import registry_resolver
 from worker.lease import Heartbeat, Outcome
 
@@ -46,9 +47,10 @@ def _render(runtime: Runtime, preview_id: int, heartbeat: Heartbeat) -> Outcome:
     staging = staging_dir(settings, Preview.kind, preview_id, heartbeat.owner)
     out = staging / "out"
     try:
-        result = render_previews(targets, sampling, out, device=settings.preview_device,
-                                 progress=lambda done, total: heartbeat.record((done, total)),
-                                 should_cancel=heartbeat.should_stop)
+        with rehash_if_changed(runtime.sessions):
+            result = render_previews(targets, sampling, out, device=settings.preview_device,
+                                     progress=lambda done, total: heartbeat.record((done, total)),
+                                     should_cancel=heartbeat.should_stop)
         heartbeat.check()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
