@@ -20,17 +20,18 @@ import asyncio
 import os
 import weakref
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from app.db import sqlite_reader
 from app.errors import BadRequest
+from app.models import MAX_ROW_ID, as_row_id
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -110,12 +111,19 @@ async def get_db(request: Request) -> Db:
     return Db(request.app.state.runtime)
 
 
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="a row id")]
+WorkStatus = Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
+                       Query(description="only rows in this state")]
+ModelStatus = Annotated[Literal["hashing", "ready", "failed"] | None, Query(description="only models in this state")]
+SearchText = Annotated[str | None, Query(max_length=255, pattern=r"^[^\x00]*$")]  # no NUL: PostgreSQL refuses it
+
+
 def parse_cursor(cursor: str | None) -> int | None:
     if cursor is None:
         return None
-    if not cursor.isdigit():
-        raise BadRequest("cursor must be the `next` value of a previous page", details={"cursor": cursor})
-    return int(cursor)
+    if (value := as_row_id(cursor)) is None:
+        raise BadRequest("cursor must be the `next` value of a previous page", details={"cursor": cursor[:100]})
+    return value
 
 
 def next_cursor(items: list, limit: int) -> str | None:

@@ -8,7 +8,9 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app.auth import BearerTokenMiddleware
+from app.bodies import BodyLimitMiddleware
 from app.errors import install_error_handlers
+from app.openapi import install_openapi
 from app.routes import analyses, artifacts, merges, models, previews, system
 from app.runtime import make_runtime
 from app.settings import Settings, get_settings
@@ -28,7 +30,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "analyses, previews.")
     app.state.runtime = runtime
     install_error_handlers(app)
-    app.add_middleware(BearerTokenMiddleware, token=runtime.settings.api_token)
+    install_openapi(app)
+    app.add_middleware(BodyLimitMiddleware, limit=runtime.settings.max_json_bytes)
+    app.add_middleware(BearerTokenMiddleware, token=runtime.settings.api_token)  # outermost: before any body is read
     for module in (system, models, merges, artifacts, analyses, previews):
         app.include_router(module.router)
     app.mount(system.DOCS_ASSETS, StaticFiles(directory=_swagger_ui_dir()), name="docs-assets")

@@ -19,6 +19,16 @@ JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 LIVE_JOB_STATUSES = ("queued", "running", "succeeded")
 
 
+MAX_ROW_ID = 2**63 - 1  # the largest BIGINT: ids and cursors beyond it name no row, in any database
+
+
+def as_row_id(text: str) -> int | None:
+    """`text` as a row id if it is one (ASCII digits, in range): `"²".isdigit()` is true too."""
+    if text.isascii() and text.isdigit() and len(text) <= 19 and 1 <= int(text) <= MAX_ROW_ID:
+        return int(text)
+    return None
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 

@@ -19,6 +19,24 @@ class _Out(BaseModel):
         return value.isoformat() + "Z" if isinstance(value, datetime) else value
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="a stable code, e.g. invalid_recipe, unknown_model, not_found")
+    message: str = Field(description="what is wrong, naming the model, component and key at fault")
+    details: dict[str, Any] = Field(description="the model, component and key, and more where known")
+
+
+class ErrorOut(BaseModel):
+    """Every error answer, whatever its status."""
+
+    error: ErrorDetail
+
+
+class ReadyOut(BaseModel):
+    status: str = Field(description="ready or not ready")
+    checks: dict[str, str] = Field(description="database, broker, disk: ok or the error")
+    disk: dict[str, Any] = Field(description="free_bytes, total_bytes and min_free_bytes of the data dir")
+
+
 class RegisterModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

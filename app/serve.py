@@ -48,7 +48,10 @@ def serve(settings: Settings, host: str, port: int, *, scan: bool = False, acces
         with runtime.sessions() as session:
             found = registry.scan(session, settings)
             session.commit()
-        log.info("scan registered %d models, skipped %d", len(found["registered"]), len(found["skipped"]))
+        print(f"sdmerge: scan registered {len(found['registered'])} models, skipped {len(found['skipped'])}",
+              flush=True)
+        for skipped in found["skipped"]:  # one bad file never stops the server: say which and why
+            print(f"sdmerge: skipped {skipped['path']}: {skipped['error']['message']}", flush=True)
     # Everything built so far lives as long as the server: keep it out of the collector's scans,
     # and collect less often, so no request waits behind a full-heap GC pass (the poll tail).
     gc.collect()

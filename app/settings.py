@@ -15,6 +15,8 @@ from pathlib import Path
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_LEASE_SECONDS = 60
 DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024**3
+DEFAULT_MAX_JSON_BYTES = 8 * 1024**2  # a recipe of 1,000 models with long names is under 200 KB
+DEFAULT_MIN_FREE_BYTES = 1024**3
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class Settings:
     api_token: str | None = None
     job_lease_seconds: float = DEFAULT_LEASE_SECONDS
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES  # /ready says not ready below this free space
     merge_threads: int = 0
     merge_device: str = "cpu"
     verify_inputs: bool = False  # also sha256 every input during a merge (see ExecOptions.verify_inputs)
@@ -78,6 +82,8 @@ def settings_from_env(env: dict[str, str] | os._Environ = os.environ) -> Setting
         api_token=env.get("SDMERGE_API_TOKEN") or None,
         job_lease_seconds=float(env.get("SDMERGE_JOB_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)),
         max_upload_bytes=int(env.get("SDMERGE_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)),
+        max_json_bytes=int(env.get("SDMERGE_MAX_JSON_BYTES", DEFAULT_MAX_JSON_BYTES)),
+        min_free_bytes=int(env.get("SDMERGE_MIN_FREE_BYTES", DEFAULT_MIN_FREE_BYTES)),
         merge_threads=int(env.get("SDMERGE_MERGE_THREADS", 0)),
         merge_device=env.get("SDMERGE_MERGE_DEVICE", "cpu"),
         verify_inputs=env.get("SDMERGE_VERIFY_INPUTS", "0").lower() in ("1", "true", "yes"),

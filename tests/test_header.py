@@ -55,7 +55,7 @@ def test_other_encodings_and_a_bom_are_refused(tmp_path, encoding, match):
 
 
 def test_duplicate_tensor_names_are_refused(tmp_path):
-    text = '{"a": %s, "a": %s}' % (json.dumps(entry([0, 4])), json.dumps(entry([4, 8])))
+    text = f'{{"a": {json.dumps(entry([0, 4]))}, "a": {json.dumps(entry([4, 8]))}}}'
     err = refused(raw_file(tmp_path / "x.safetensors", text, bytes(8)), "names this tensor twice")
     assert err.key == "a"
 
@@ -90,12 +90,12 @@ def test_header_with_trailing_garbage_or_not_an_object(tmp_path):
 
 def test_poison_json_in_the_header_is_an_error(tmp_path):
     deep = "[" * 20_000 + "]" * 20_000
-    refused(raw_file(tmp_path / "deep.safetensors", '{"__metadata__": %s}' % deep), "__metadata__")
-    refused(raw_file(tmp_path / "entry.safetensors", '{"a": %s}' % deep), "tensor entry")
+    refused(raw_file(tmp_path / "deep.safetensors", '{"__metadata__": ' + deep + "}"), "__metadata__")
+    refused(raw_file(tmp_path / "entry.safetensors", '{"a": ' + deep + "}"), "tensor entry")
     digits = "9" * 5000
-    refused(raw_file(tmp_path / "big.safetensors", '{"a": {"dtype": "F16", "shape": [1], "data_offsets": [0, %s]}}'
-                     % digits, bytes(2)), "tensor entry")
-    refused(raw_file(tmp_path / "meta.safetensors", '{"__metadata__": {"x": %s}}' % digits), "__metadata__")
+    refused(raw_file(tmp_path / "big.safetensors", '{"a": {"dtype": "F16", "shape": [1], "data_offsets": [0, '
+                     + digits + "]}}", bytes(2)), "tensor entry")
+    refused(raw_file(tmp_path / "meta.safetensors", '{"__metadata__": {"x": ' + digits + "}}"), "__metadata__")
 
 
 def _bounded(path: Path, match: str, seconds: float = 5, megabytes: float = 64) -> None:

@@ -7,17 +7,26 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
-from app.deps import DbDep, SettingsDep
+from app.bodies import SafeJsonRoute
+from app.deps import DbDep, RowId, SettingsDep
+from app.openapi import errors
 from app.schemas import ArtifactOut
 from app.services import artifacts
 
-router = APIRouter(prefix="/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/artifacts", tags=["artifacts"], route_class=SafeJsonRoute)
 
 
-@router.api_route("/{artifact_id}", methods=["GET", "HEAD"], response_class=FileResponse,
-                  responses={206: {"description": "a byte range"}, 304: {"description": "not modified"},
-                             416: {"description": "range not satisfiable"}})
-async def download_artifact(artifact_id: int, request: Request, db: DbDep, settings: SettingsDep):
+DOWNLOAD = {200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                  "description": "the file"},
+            206: {"content": {"application/octet-stream": {}, "multipart/byteranges": {}},
+                  "description": "a byte range"},
+            304: {"description": "not modified (If-None-Match: the ETag, which is the sha256)"},
+            416: {"content": {"text/plain": {}}, "description": "range not satisfiable"}}
+
+
+@router.get("/{artifact_id}", response_class=FileResponse, responses=DOWNLOAD)
+@router.head("/{artifact_id}", response_class=FileResponse, responses=DOWNLOAD, operation_id="head_artifact")
+async def download_artifact(artifact_id: RowId, request: Request, db: DbDep, settings: SettingsDep):
     artifact = await db.run(artifacts.get_artifact, artifact_id)
     path = artifacts.artifact_file(settings, artifact)
     etag = f'"{artifact.sha256}"'  # the content hash: a strong validator that never goes stale
@@ -29,16 +38,16 @@ async def download_artifact(artifact_id: int, request: Request, db: DbDep, setti
 
 
 @router.get("/{artifact_id}/info", response_model=ArtifactOut)
-async def artifact_info(artifact_id: int, db: DbDep):
+async def artifact_info(artifact_id: RowId, db: DbDep):
     return await db.run(artifacts.get_artifact, artifact_id)
 
 
 @router.get("/{artifact_id}/metadata")
-async def artifact_metadata(artifact_id: int, db: DbDep) -> dict[str, Any]:
+async def artifact_metadata(artifact_id: RowId, db: DbDep) -> dict[str, Any]:
     artifact = await db.run(artifacts.get_artifact, artifact_id)
     return artifact.header_metadata or {}
 
 
-@router.delete("/{artifact_id}", status_code=204)
-async def delete_artifact(artifact_id: int, db: DbDep, settings: SettingsDep):
+@router.delete("/{artifact_id}", status_code=204, responses=errors(409))
+async def delete_artifact(artifact_id: RowId, db: DbDep, settings: SettingsDep):
     await db.run(artifacts.delete_artifact, settings, artifact_id)

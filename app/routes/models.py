@@ -6,15 +6,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.deps import DbDep, SettingsDep, next_cursor, parse_cursor
+from app.bodies import SafeJsonRoute
+from app.deps import DbDep, ModelStatus, RowId, SearchText, SettingsDep, next_cursor, parse_cursor
+from app.openapi import errors
 from app.schemas import ModelOut, Page, RegisterModel, ScanOut
 from app.services import registry
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], route_class=SafeJsonRoute)
 
 
 @router.post("", response_model=ModelOut, status_code=201,
-             responses={200: {"model": ModelOut, "description": "the path was already registered"}})
+             responses={200: {"model": ModelOut, "description": "the path was already registered"}, **errors(409)})
 async def register_model(body: RegisterModel, db: DbDep, settings: SettingsDep, response: Response):
     model, created = await db.run(registry.register, settings, body.path, body.name)
     response.status_code = 201 if created else 200
@@ -26,8 +28,9 @@ async def scan_models(db: DbDep, settings: SettingsDep):
     return await db.run(registry.scan, settings)
 
 
-@router.put("/upload/{filename}", response_model=ModelOut, status_code=201,
-            openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}})
+@router.put("/upload/{filename}", response_model=ModelOut, status_code=201, responses=errors(400, 409, 413),
+            openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {
+                "type": "string", "format": "binary"}}}, "required": True}})
 async def upload_model(filename: str, request: Request, db: DbDep, settings: SettingsDep):
     length = request.headers.get("content-length")
     received = await registry.receive_upload(settings, filename, int(length) if length else None,
@@ -35,9 +38,9 @@ async def upload_model(filename: str, request: Request, db: DbDep, settings: Set
     return await db.run(registry.register_upload, settings, received)
 
 
-@router.get("", response_model=Page[ModelOut])
-async def list_models(db: DbDep, architecture: str | None = None, name: str | None = None,
-                      status: str | None = None, cursor: str | None = None,
+@router.get("", response_model=Page[ModelOut], responses=errors(400))
+async def list_models(db: DbDep, architecture: SearchText = None, name: SearchText = None,
+                      status: ModelStatus = None, cursor: str | None = None,
                       limit: Annotated[int, Query(ge=1, le=500)] = 100):
     items = await db.run(registry.list_models, architecture=architecture, name=name, status=status,
                          after=parse_cursor(cursor), limit=limit)
@@ -45,10 +48,10 @@ async def list_models(db: DbDep, architecture: str | None = None, name: str | No
 
 
 @router.get("/{model_id}", response_model=ModelOut)
-async def get_model(model_id: int, db: DbDep):
+async def get_model(model_id: RowId, db: DbDep):
     return await db.run(registry.get_model, model_id)
 
 
 @router.delete("/{model_id}", status_code=204)
-async def delete_model(model_id: int, db: DbDep, settings: SettingsDep):
+async def delete_model(model_id: RowId, db: DbDep, settings: SettingsDep):
     await db.run(registry.delete_model, settings, model_id)

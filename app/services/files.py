@@ -33,11 +33,18 @@ def check_name(name: str, what: str = "name") -> str:
 def confine(settings: Settings, path: str) -> Path:
     """The real path of `path` (relative to a model root, or absolute) if it lies inside a root."""
     roots = settings.allowed_roots
+    if "\0" in path:
+        raise PathNotAllowed("path holds a NUL byte", details={"path": path[:200]})
     candidates = [Path(path)] if os.path.isabs(path) else [root / path for root in roots]
     for candidate in candidates:
-        real = candidate.resolve()
-        if any(real.is_relative_to(root) for root in roots):
-            if real.is_file():
+        try:
+            real = candidate.resolve()
+            inside = any(real.is_relative_to(root) for root in roots)
+            found = inside and real.is_file()
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name too long
+            raise PathNotAllowed(f"path cannot be resolved: {exc}", details={"path": path[:200]}) from None
+        if inside:
+            if found:
                 return real
             continue
         raise PathNotAllowed("path is outside the model roots (after following symlinks)",

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.dispatch import enqueue
 from app.errors import Conflict, InvalidPreview, NotFound
-from app.models import Job, Model, Preview, utcnow
+from app.models import MAX_ROW_ID, Job, Model, Preview, utcnow
 from app.services import leased, merges, registry
 from app.services.files import result_dir
 from app.settings import Settings
@@ -113,8 +113,8 @@ def _model_target(model: Model) -> dict[str, Any]:
 
 
 def _merge_target(session: Session, job_id: Any, position: int) -> dict[str, Any]:
-    if isinstance(job_id, bool) or not isinstance(job_id, int):
-        raise InvalidPreview(f"targets[{position}]: merge must be a merge job id (an integer)",
+    if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id <= MAX_ROW_ID:
+        raise InvalidPreview(f"targets[{position}]: merge must be a merge job id (a positive integer)",
                              details={"target": position})
     job = session.get(Job, job_id)
     if job is None:

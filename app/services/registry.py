@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.dispatch import enqueue
 from app.errors import Conflict, ModelNotReady, NotFound, PayloadTooLarge
-from app.models import Model, utcnow
+from app.models import Model, as_row_id, utcnow
 from app.services.files import CHECKPOINT_SUFFIXES, check_checkpoint_header, check_name, confine
 from app.settings import Settings
 from merge_engine.errors import CheckpointError, ResolveError, SdmergeError
@@ -63,7 +63,7 @@ def scan(session: Session, settings: Settings) -> dict[str, list]:
     """Register every checkpoint under the configured roots; report what was skipped and why."""
     registered, skipped = [], []
     for root in settings.model_roots:
-        for path in sorted(root.rglob("*")):
+        for path in sorted(_files_under(root)):
             if path.suffix.lower() not in CHECKPOINT_SUFFIXES or not path.is_file():
                 continue
             try:
@@ -72,9 +72,18 @@ def scan(session: Session, settings: Settings) -> dict[str, list]:
             except SdmergeError as exc:
                 skipped.append({"path": str(path), "error": exc.to_dict()})
                 continue
+            except (OSError, ValueError, RuntimeError) as exc:  # one unreadable file never fails the scan
+                error = CheckpointError(f"cannot read the file: {exc}", model=path.name)
+                skipped.append({"path": str(path), "error": error.to_dict()})
+                continue
             if created:
                 registered.append(model)
     return {"registered": registered, "skipped": skipped}
+
+
+def _files_under(root: Path):
+    for folder, _, names in os.walk(root, followlinks=False):  # a symlinked folder loop is not walked
+        yield from (Path(folder) / name for name in names)
 
 
 async def receive_upload(settings: Settings, filename: str, declared_size: int | None,
@@ -156,11 +165,13 @@ def delete_model(session: Session, settings: Settings, model_id: int) -> None:
 
 def find(session: Session, ref: str) -> Model:
     """A model by id, unique name, or `sha256:<hex>` (a unique prefix of 10+ hex digits)."""
+    if "\x00" in ref:  # names no model, and PostgreSQL refuses it in a query
+        raise ResolveError("no registered model has this id or name", model=ref)
     if ref.lower().startswith("sha256:"):
         return _by_sha256(session, ref[7:].lower(), ref)
-    model = session.scalar(select(Model).where(Model.name == ref))
-    if model is None and ref.isdigit():
-        model = session.get(Model, int(ref))
+    model = session.scalar(select(Model).where(Model.name == ref)) if len(ref) <= 255 else None
+    if model is None and (row_id := as_row_id(ref)) is not None:
+        model = session.get(Model, row_id)
     if model is None:
         raise ResolveError("no registered model has this id or name", model=ref)
     return model
@@ -206,7 +217,7 @@ def find_leaf(session: Session, sha256: str | None, name: str | None) -> Model |
                                .order_by(Model.id))
         if model is not None:
             return model
-    if name:
+    if name and "\x00" not in name:
         base = name.replace("\\", "/").split("/")[-1]
         matches = list(session.scalars(select(Model).where(
             or_(Model.name == base, Model.path.endswith("/" + base, autoescape=True)))))
