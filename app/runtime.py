@@ -25,7 +25,7 @@ class Runtime:
 
     @cached_property
     def celery(self) -> Celery:
-        from worker.celery_app import make_celery
+        from app.queue import make_celery
 
         return make_celery(self.settings)
 

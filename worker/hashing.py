@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.dispatch import enqueue
 from app.models import Model, utcnow
+from app.queue import HASH_TASK
 from merge_engine.errors import InputChangedError, SdmergeError
 from merge_engine.inspect import inspect_version
-from worker.celery_app import HASH_TASK
 
 log = logging.getLogger(__name__)
 MAX_STORED_METADATA = 1 << 20  # characters of header metadata kept in the registry, in all

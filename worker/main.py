@@ -6,7 +6,7 @@ import os
 import socket
 from collections.abc import Sequence
 
-from worker.celery_app import QUEUES
+from app.queue import QUEUES
 
 
 def run_worker(queues: Sequence[str] = QUEUES, loglevel: str = "INFO") -> None:

@@ -1,7 +1,11 @@
 """The reaper: leased work (merge jobs, analyses, previews) whose lease lapsed (crashed worker)
 or whose message was lost is sent again; so are hashing models.
 
-It runs in every worker. Each re-dispatch is an UPDATE guarded by the state it saw, so several
+It runs in every worker. A row still queued (or a model still hashing) a lease after it was
+sent is sent again only if no message for it is left in the broker (`app.broker.waiting`): a
+job waiting behind a long merge keeps its one message, while one whose message was lost (a
+broker restarted without persistence, an API killed between its commit and its send) runs
+within about a lease. Each re-dispatch is an UPDATE guarded by the state it saw, so several
 reapers at once send a row once; and a duplicate message is harmless since claims are atomic.
 """
 
@@ -14,16 +18,17 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.broker import waiting
 from app.dispatch import enqueue
 from app.models import Analysis, Job, Leased, Model, Preview, utcnow
+from app.queue import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK, QUEUES
 from app.runtime import Runtime
 from app.services.files import clean_partials
-from worker.celery_app import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK
 
 log = logging.getLogger(__name__)
-# A queued row or hashing model whose message may have been lost is re-sent after this many
-# lease lengths; waiting behind other work for that long only costs a duplicate no-op message.
-RESEND_AFTER_LEASES = 10
+# A queued row or hashing model not claimed this many lease lengths after it was sent is looked
+# for in the broker, and sent again if its message is gone.
+RESEND_AFTER_LEASES = 1
 LEASED_TASKS: dict[type[Leased], str] = {Job: MERGE_TASK, Analysis: ANALYSIS_TASK, Preview: PREVIEW_TASK}
 
 
@@ -33,15 +38,18 @@ def reap(runtime: Runtime) -> dict[str, list[int]]:
     now = utcnow()
     resend_before = now - timedelta(seconds=runtime.settings.job_lease_seconds * RESEND_AFTER_LEASES)
     report: dict[str, list[int]] = {}
+    waiting = _waiting(runtime)
     with runtime.sessions.begin() as session:
         for table, task in LEASED_TASKS.items():
             prefix = "" if table is Job else f"{table.kind}_"
-            for name, ids in _reap_table(session, table, task, now, resend_before).items():
+            for name, ids in _reap_table(session, table, task, now, resend_before, waiting).items():
                 report[prefix + name] = ids
+        stale = list(session.scalars(select(Model.id).where(
+            Model.status == "hashing", or_(Model.dispatched_at.is_(None), Model.dispatched_at < resend_before))))
+        lost = [i for i in stale if waiting is None or (HASH_TASK, i) not in waiting]
         report["rehash"] = list(session.scalars(
-            update(Model).where(Model.status == "hashing",
-                                or_(Model.dispatched_at.is_(None), Model.dispatched_at < resend_before))
-            .values(dispatched_at=now).returning(Model.id)))
+            update(Model).where(Model.id.in_(lost), Model.status == "hashing").values(dispatched_at=now)
+            .returning(Model.id))) if lost else []
         for model_id in report["rehash"]:
             enqueue(session, HASH_TASK, model_id)
     if any(report.values()):
@@ -51,8 +59,20 @@ def reap(runtime: Runtime) -> dict[str, list[int]]:
     return report
 
 
+def _waiting(runtime: Runtime) -> set[tuple[str, int]] | None:
+    """Every (task, id) with a message in the broker; None if the broker cannot be read, and
+    then everything stale is sent again (a duplicate costs a no-op, a lost message a job)."""
+    try:
+        with runtime.celery.connection_for_read() as connection:
+            lease = runtime.settings.job_lease_seconds
+            return set().union(*(waiting(connection, queue, taken_within=lease) for queue in QUEUES))
+    except Exception:  # noqa: BLE001 - a broker that is down: the sends will fail and be retried
+        log.warning("reaper: cannot look into the broker's queues", exc_info=True)
+        return None
+
+
 def _reap_table(session: Session, table: type[Leased], task: str, now: datetime,
-                resend_before: datetime) -> dict[str, list[int]]:
+                resend_before: datetime, waiting: set[tuple[str, int]] | None) -> dict[str, list[int]]:
     expired = and_(table.status == "running", table.lease_expires_at < now)
     found = {}
     found["cancelled"] = list(session.scalars(
@@ -62,10 +82,12 @@ def _reap_table(session: Session, table: type[Leased], task: str, now: datetime,
     found["requeued"] = list(session.scalars(
         update(table).where(expired).values(status="queued", lease_owner=None, lease_expires_at=None,
                                             dispatched_at=now).returning(table.id)))
+    stale = list(session.scalars(select(table.id).where(
+        table.status == "queued", or_(table.dispatched_at.is_(None), table.dispatched_at < resend_before))))
+    lost = [i for i in stale if waiting is None or (task, i) not in waiting]
     found["resent"] = list(session.scalars(
-        update(table).where(table.status == "queued",
-                            or_(table.dispatched_at.is_(None), table.dispatched_at < resend_before))
-        .values(dispatched_at=now).returning(table.id)))
+        update(table).where(table.id.in_(lost), table.status == "queued").values(dispatched_at=now)
+        .returning(table.id))) if lost else []
     for row_id in found["requeued"] + found["resent"]:
         enqueue(session, task, row_id)
     return found

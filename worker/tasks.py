@@ -8,10 +8,10 @@ from typing import Any
 
 from celery import shared_task
 
+from app.queue import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK
 from app.runtime import Runtime, make_runtime
 from app.settings import get_settings
 from worker.analyses import run_analysis
-from worker.celery_app import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK
 from worker.hashing import hash_model
 from worker.jobs import run_merge_job
 from worker.previews import run_preview

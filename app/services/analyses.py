@@ -20,12 +20,12 @@ from sqlalchemy.orm import Session
 from app.dispatch import enqueue
 from app.errors import InvalidAnalysis, NotFound
 from app.models import Analysis, Model, utcnow
+from app.queue import ANALYSIS_TASK
 from app.services import leased, registry
 from app.services.files import result_dir
 from app.settings import Settings
 from merge_engine.errors import ArchitectureError, LayoutMismatchError
 from merge_engine.recipe import COMPONENTS
-from worker.celery_app import ANALYSIS_TASK
 
 # merge_engine.analysis.METRICS; that module imports torch, so a structure test keeps these equal.
 METRICS = ("l2", "cosine")

@@ -18,13 +18,13 @@ from sqlalchemy.orm import Session
 from app.dispatch import enqueue
 from app.errors import NotFound
 from app.models import Artifact, Job, utcnow
+from app.queue import MERGE_TASK
 from app.schemas import ArtifactOut, JobOut
 from app.services import leased, registry
 from merge_engine.a1111 import apply_resolution, convert_a1111, is_a1111_metadata
 from merge_engine.errors import RecipeError, ResolveError
 from merge_engine.plan import ResolvedModel, plan
 from merge_engine.recipe import Leaf, ModelLeaf, Recipe, all_leaves, parse_recipe
-from worker.celery_app import MERGE_TASK
 
 
 def recipe_from_body(body: Any) -> Recipe:

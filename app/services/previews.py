@@ -18,11 +18,11 @@ from sqlalchemy.orm import Session
 from app.dispatch import enqueue
 from app.errors import Conflict, InvalidPreview, NotFound
 from app.models import MAX_ROW_ID, Job, Model, Preview, utcnow
+from app.queue import PREVIEW_TASK
 from app.services import leased, merges, registry
 from app.services.files import result_dir
 from app.settings import Settings
 from merge_engine.preview.params import PREDICTION_TYPES, SAMPLERS, Sampling
-from worker.celery_app import PREVIEW_TASK
 
 Ref = str | int
 DEFAULTS = {f.name: f.default for f in fields(Sampling) if f.name != "extra"}

@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 from app.dispatch import enqueue
 from app.errors import Conflict, ModelNotReady, NotFound, PayloadTooLarge
 from app.models import Model, as_row_id, utcnow
+from app.queue import HASH_TASK
 from app.services.files import CHECKPOINT_SUFFIXES, check_checkpoint_header, check_name, confine
 from app.settings import Settings
 from merge_engine.errors import CheckpointError, ResolveError, SdmergeError
-from worker.celery_app import HASH_TASK
 
 MIN_SHA_PREFIX = 10
 

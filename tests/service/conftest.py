@@ -156,7 +156,7 @@ def runtime(client):
 def run_tasks(runtime):
     """Play the worker: take every message off the broker's queues and run it with the real
     task code, until the queues are empty. Returns the task names run, in order."""
-    from worker.celery_app import QUEUES
+    from app.queue import QUEUES
     from worker.tasks import HANDLERS
 
     def drain() -> list[str]:

@@ -12,7 +12,7 @@ from tests.service.servers import SDMERGE, service_env
 
 
 def test_importing_the_app_does_not_import_torch():
-    code = ("import sys, app.main, app.cli, app.serve, worker.celery_app; "
+    code = ("import sys, app.main, app.cli, app.serve, app.queue; "
             "app.main.create_app; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env=service_env())
 

@@ -1,11 +1,12 @@
-"""The Celery application, configured for long GPU jobs. Importing this never imports torch,
-so the API can send tasks by name without loading the tasks themselves."""
+"""The queue contract: task names, queues, and the Celery application, configured for long GPU
+jobs. Importing this never imports torch, so the API sends tasks by name without loading them."""
 
 from __future__ import annotations
 
 from celery import Celery
 from kombu import Queue
 
+from app.broker import EMBEDDED_SCHEME
 from app.settings import Settings
 
 MERGE_TASK = "sdmerge.merge"
@@ -23,7 +24,7 @@ VISIBILITY_TIMEOUT = 12 * 3600
 def broker_options(settings: Settings) -> tuple[str, dict]:
     if settings.embedded:
         folder = str(settings.broker_dir)
-        return "filesystem://", {
+        return f"{EMBEDDED_SCHEME}://", {
             "data_folder_in": folder,
             "data_folder_out": folder,
             "control_folder": str(settings.broker_dir / "control"),
