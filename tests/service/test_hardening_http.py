@@ -171,14 +171,7 @@ def test_a_full_disk_is_507_and_not_ready(small_disk, model_root):
     write_checkpoint(own, tiny_state_dict("sd2", seed=5))
     with TestClient(create_app(settings)) as client:
         assert client.get("/ready").json()["checks"]["disk"] == "ok"
-        filler = small_disk / "filler"
-        with open(filler, "wb") as f:  # fill the file system to the last block
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        filler = _fill(small_disk)  # the file system full to the last block
         ready = client.get("/ready")
         assert ready.status_code == 503 and ready.json()["checks"]["disk"].startswith("error")
         assert ready.json()["disk"]["free_bytes"] < 2 << 20
@@ -190,6 +183,80 @@ def test_a_full_disk_is_507_and_not_ready(small_disk, model_root):
         assert client.get("/ready").status_code == 200
         assert client.post("/models", json={"path": "own.safetensors"}).status_code == 201
         assert client.put("/models/upload/up.safetensors", content=own.read_bytes()).status_code == 201
+
+
+def _fill(mount) -> object:
+    filler = mount / "filler"
+    f = open(filler, "wb", buffering=0)
+    try:
+        while True:
+            f.write(b"\0" * 65536)
+    except OSError:
+        pass
+    finally:
+        try:
+            f.close()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_merge_on_a_full_disk_fails_cleanly_and_runs_once_there_is_room(small_disk, model_root, tmp_path):
+    """The data dir (artifacts, partial files) on a full file system, the database elsewhere (as
+    PostgreSQL is in production): the attempt fails with insufficient_storage and leaves nothing."""
+    from fastapi.testclient import TestClient
+
+    from app.db import make_engine
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.queue import QUEUES
+    from app.settings import settings_from_env
+    from worker.tasks import HANDLERS
+
+    settings = settings_from_env({"SDMERGE_DATA_DIR": str(small_disk / "data"),
+                                  "SDMERGE_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+                                  "SDMERGE_MODEL_ROOTS": str(model_root), "SDMERGE_MIN_FREE_BYTES": "0",
+                                  "SDMERGE_MERGE_THREADS": "1"})
+    settings.prepare_dirs()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    engine.dispose()
+    with TestClient(create_app(settings)) as client:
+        runtime = client.app.state.runtime
+
+        def drain() -> None:
+            with runtime.celery.connection_for_read() as connection:
+                for name in QUEUES:
+                    queue = connection.SimpleQueue(name)
+                    while True:
+                        try:
+                            message = queue.get(block=False)
+                        except queue.Empty:
+                            break
+                        HANDLERS[message.headers["task"]](runtime, *message.payload[0])
+                        message.ack()
+                    queue.close()
+
+        for name in ("sd2-1.safetensors", "sd2-2.safetensors"):
+            client.post("/models", json={"path": name})
+        drain()
+        recipe = {"merge": {"method": "uniform", "models": ["sd2-1.safetensors", "sd2-2.safetensors"]},
+                  "output": {"dtype": "fp32"}}
+        job = client.post("/merges", json=recipe).json()
+        filler = _fill(small_disk)
+        drain()
+        failed = client.get(f"/merges/{job['id']}").json()
+        assert failed["status"] == "failed" and failed["error"]["code"] == "insufficient_storage", failed
+        assert data_files(settings) == []
+        filler.unlink()
+        again = client.post("/merges", json=recipe).json()
+        assert again["id"] != job["id"]
+        drain()
+        done = client.get(f"/merges/{again['id']}").json()
+        assert done["status"] == "succeeded" and done["attempts"] == 1, done
+        assert [p for p in data_files(settings) if p.startswith("artifacts/")] == [
+            f"artifacts/{done['artifact']['sha256'][:2]}/{done['artifact']['sha256']}.safetensors"]
+        assert not [p for p in data_files(settings) if not p.startswith("artifacts/")]
 
 
 # -- poisoned files never block the others ----------------------------------------------------------
