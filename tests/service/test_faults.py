@@ -111,10 +111,16 @@ def settled(data) -> None:
 def test_redis_restart_loses_the_queue_and_every_job_completes_once(topology):
     client, data = topology["client"], topology["data"]
     register(client, SLOW_RECIPE["merge"]["models"])
-    jobs = [client.post("/merges", json=recipe).json() for recipe in slow_recipes(6)]
-    topology["redis"].kill()  # queued messages (and the unacknowledged ones) are gone with it
-    time.sleep(1)
-    topology["redis"].start()
+    for worker in workers(topology):  # so the messages are surely still queued when Redis dies
+        worker.popen.send_signal(signal.SIGSTOP)
+    try:
+        jobs = [client.post("/merges", json=recipe).json() for recipe in slow_recipes(6)]
+        topology["redis"].kill()  # the queued messages are gone with it
+        time.sleep(1)
+        topology["redis"].start()
+    finally:
+        for worker in workers(topology):
+            worker.popen.send_signal(signal.SIGCONT)
     done = [wait_job(client, job["id"], timeout=180) for job in jobs]
     assert {j["status"] for j in done} == {"succeeded"}, done
     assert completions(workers(topology)) == {j["id"]: 1 for j in done}
