@@ -170,7 +170,7 @@ def test_same_seed_same_pixels_and_the_webui_infotext(models, tmp_path):
     sha = plan(parse_recipe({"merge": "sd2-0.safetensors"}), FileResolver(models)).inputs[0].sha256
     text = read_png_parameters(first.images[0].path)
     assert text == ("a (cat:1.2) on a sofa\nNegative prompt: blurry\nSteps: 4, Sampler: Euler, CFG scale: 7, "
-                    f"Seed: 7, Size: 64x64, Model hash: {sha[:10]}, Model: base")
+                    f"Seed: 7, Size: 64x64, Model hash: {sha[:10]}, Model: base, RNG: CPU")
     assert parse_infotext(text)["Seed"] == "7"
 
 

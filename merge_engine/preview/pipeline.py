@@ -145,9 +145,10 @@ class PreviewModel:
 
     # -- text ----------------------------------------------------------------------------------
 
-    def encode(self, prompt: str, tokenizer: CLIPTokenizer) -> Conditioning:
-        """A prompt's conditioning: emphasis applied per 77-token chunk, chunks concatenated."""
-        cached = self._text_cache.get(prompt)
+    def encode(self, prompt: str, tokenizer: CLIPTokenizer, clip_skip: int = 1) -> Conditioning:
+        """A prompt's conditioning: emphasis applied per 77-token chunk, chunks concatenated.
+        `clip_skip` has the WebUI's meaning (see `clip_layer`)."""
+        cached = self._text_cache.get((prompt, clip_skip))
         if cached is not None:
             return cached
         chunks = tokenize_weighted(prompt, tokenizer)
@@ -161,16 +162,27 @@ class PreviewModel:
                 ids = torch.tensor([window.tokens], device=self.device)
                 weights = torch.tensor([window.weights], device=self.device)
                 settings = cm.settings
+                layer, final_norm = clip_layer(self.architecture, settings, clip_skip)
                 with torch.no_grad():
-                    z, pool = cm.module(ids, layer=settings["layer"], final_norm=settings["final_norm"],
-                                        pooled=settings["pooled"])
+                    z, pool = cm.module(ids, layer=layer, final_norm=final_norm, pooled=settings["pooled"])
                 parts.append(apply_emphasis(z.float(), weights))
                 if pool is not None and pooled is None:
                     pooled = pool[0].float()  # the first chunk's pooled vector, as the WebUI does
             contexts.append(torch.cat(parts, dim=-1)[0])
         result = Conditioning(torch.cat(contexts, dim=0), pooled)
-        self._text_cache[prompt] = result
+        self._text_cache[(prompt, clip_skip)] = result
         return result
+
+
+def clip_layer(architecture: str, settings: dict, clip_skip: int) -> tuple[int, bool]:
+    """(layer, final norm) of a text encoder under the WebUI's CLIP_stop_at_last_layers: SD1 takes
+    the output of the clip_skip-th layer from the end, then the final layer norm
+    (FrozenCLIPEmbedderWithCustomWords); SD2's OpenCLIP always takes its penultimate layer (the
+    WebUI ignores the setting there), and so do SDXL's encoders (unless its sdxl_clip_l_skip
+    option is on, which is off by default)."""
+    if architecture == "sd1" and clip_skip > 1:
+        return -clip_skip, True
+    return settings["layer"], settings["final_norm"]
 
 
 def _merged(plan: Plan, key: KeyPlan, accumulator: CpuAccumulator, staging: torch.Tensor,

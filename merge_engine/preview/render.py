@@ -19,12 +19,20 @@ import torch
 from merge_engine.errors import CheckpointError, MergeCancelled, OptionsError
 from merge_engine.passes import torch_device
 from merge_engine.plan import Plan, Resolver, plan
+from merge_engine.preview.a1111_settings import infotext_parameters
+from merge_engine.preview.effects import (
+    FreeUState,
+    dynamic_threshold,
+    freeu_active,
+    upscale_image,
+    upscale_latents,
+)
 from merge_engine.preview.grid import make_grid
-from merge_engine.preview.infotext import format_infotext, write_png
+from merge_engine.preview.infotext import format_parameters, write_png
 from merge_engine.preview.models import architecture_config, package_config
-from merge_engine.preview.params import DEFAULT_PREDICTION, Sampling
+from merge_engine.preview.params import DEFAULT_PREDICTION, LATENT_UPSCALERS, Sampling
 from merge_engine.preview.pipeline import PreviewModel
-from merge_engine.preview.sampling import KARRAS, Schedule, c_in, denoised_from, sample
+from merge_engine.preview.sampling import KARRAS, ImageNoise, Schedule, c_in, denoised_from, sample
 from merge_engine.preview.tokenizer import CHUNK_LENGTH, CLIPTokenizer
 from merge_engine.recipe import ModelLeaf, Recipe
 
@@ -40,6 +48,15 @@ class Target:
     resolver: Resolver
     model_name: str
     model_hash: str | None = None  # None: sha256[:10] of a single file, else the recipe hash[:10]
+
+
+@dataclass(frozen=True)
+class DecodeVae:
+    """A VAE from another file to decode every target with (the WebUI's `sd_vae`): the targets'
+    own VAEs are left in their files; the infotext names this one, with its hash."""
+
+    ref: str | ModelLeaf  # resolved by each target's resolver
+    name: str  # as the infotext names it (the WebUI: the file name)
 
 
 @dataclass(frozen=True)
@@ -83,9 +100,11 @@ def render_previews(
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     image_name: Callable[[int], str] = lambda n: f"images/{n}.png",
+    vae: DecodeVae | None = None,
 ) -> PreviewResult:
     """Sample every (target, prompt, seed) and write the PNGs under `out_dir` (`image_name`), and
-    `out_dir/grid.png` when there is more than one image."""
+    `out_dir/grid.png` when there is more than one image. With `vae`, every target decodes with
+    that VAE (the component is taken from its file in memory; nothing is written)."""
     started = time.perf_counter()
     if not targets:
         raise OptionsError("give at least one preview target")
@@ -93,9 +112,11 @@ def render_previews(
     torch_device, dtype = pick_device(device)
     out = Path(out_dir)
     plans: list[Plan] = []
+    sampled: list[Plan] = []  # what is sampled: the target, with the decode VAE where one is given
     try:
         for target in targets:
             plans.append(plan(target.recipe, target.resolver))
+            sampled.append(plan(with_vae(target.recipe, vae.ref), target.resolver) if vae else plans[-1])
         renderer = _Renderer(sampling, torch_device, dtype, should_cancel)
         total = len(targets) * sampling.images_per_target()
         images: list[RenderedImage] = []
@@ -104,14 +125,15 @@ def render_previews(
         # PNG encoding (zlib) runs beside the sampling: it releases the GIL and the GPU keeps busy.
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="png") as writer:
             written = []
-            for t, (target, planned) in enumerate(zip(targets, plans, strict=True)):
-                model = renderer.model_for(planned, is_single_model(target.recipe))
+            for t, (target, planned, run) in enumerate(zip(targets, plans, sampled, strict=True)):
+                model = renderer.model_for(run, is_single_model(target.recipe) and vae is None)
                 model_hash = target.model_hash or _model_hash(target, planned)
                 hashes.append(model_hash)
+                vae_info = _vae_info(run, vae) if vae else None
                 for index, prompt_index, seed, image in renderer.images(model, t):
-                    text = format_infotext(sampling.prompts[prompt_index], sampling.negative_prompt, sampling.steps,
-                                           sampling.sampler_label, sampling.cfg_scale, seed, sampling.width,
-                                           sampling.height, model_hash, target.model_name)
+                    text = format_parameters(sampling.prompts[prompt_index], sampling.negative_prompt,
+                                             infotext_parameters(sampling, seed, model_hash, target.model_name,
+                                                                 vae_info))
                     path = out / image_name(index)
                     written.append(writer.submit(_write, path, image, text))
                     images.append(RenderedImage(index, path, t, prompt_index, seed, text))
@@ -120,15 +142,30 @@ def render_previews(
                         progress(len(images), total)
             grid = out / "grid.png" if len(images) > 1 else None
             if grid is not None:
-                grid_text = _grid_infotext(targets, sampling, hashes[0])
+                grid_text = format_parameters(sampling.prompts[0], sampling.negative_prompt, infotext_parameters(
+                    sampling, sampling.seeds[0], hashes[0], targets[0].model_name,
+                    _vae_info(sampled[0], vae) if vae else None))
                 written.append(writer.submit(_write, grid, _grid(targets, sampling, pixels), grid_text))
             for future in written:
                 future.result()
         return PreviewResult(images, grid, time.perf_counter() - started, [t.label for t in targets],
                              _row_labels(sampling))
     finally:
-        for planned in plans:
+        for planned in {id(p): p for p in plans + sampled}.values():
             planned.close()
+
+
+def with_vae(recipe: Recipe, ref: str | ModelLeaf) -> Recipe:
+    """`recipe` with its VAE taken from `ref`."""
+    data = recipe.model_dump(mode="json")
+    data["components"] = {**data.get("components", {}),
+                          "vae": ref.model_dump(mode="json", exclude_none=True) if isinstance(ref, ModelLeaf) else ref}
+    return Recipe.model_validate(data)
+
+
+def _vae_info(planned: Plan, vae: DecodeVae) -> tuple[str, str]:
+    """("VAE hash", "VAE") as the WebUI writes them: sha256[:10] of the file, its name."""
+    return planned.inputs[planned.components["vae"][0][0]].sha256[:10], vae.name
 
 
 def _model_hash(target: Target, planned: Plan) -> str:
@@ -160,19 +197,14 @@ def _row_labels(sampling: Sampling) -> list[str]:
             for prompt in sampling.prompts for seed in sampling.seeds]
 
 
-def _grid_infotext(targets: Sequence[Target], sampling: Sampling, model_hash: str) -> str:
-    return format_infotext(sampling.prompts[0], sampling.negative_prompt, sampling.steps, sampling.sampler_label,
-                           sampling.cfg_scale, sampling.seeds[0], sampling.width, sampling.height,
-                           model_hash, targets[0].model_name)
-
-
 class _Renderer:
     def __init__(self, sampling: Sampling, device: torch.device, dtype: torch.dtype,
                  should_cancel: Callable[[], bool] | None):
         self.sampling, self.device, self.dtype = sampling, device, dtype
         self.should_cancel = should_cancel
         self.tokenizer = CLIPTokenizer.load()
-        self.schedule = Schedule(**package_config()["schedule"])
+        self.default_schedule = Schedule.ldm(**package_config()["schedule"])
+        self.schedule = self.default_schedule
         self.model: PreviewModel | None = None  # one architecture's modules in memory at a time
 
     def model_for(self, planned: Plan, exact_copy: bool) -> PreviewModel:
@@ -186,6 +218,7 @@ class _Renderer:
             self.model = None  # let the old modules go before the new ones are built
             self.model = _kept(architecture, self.device, self.dtype)
         self.model.load(planned, exact_copy=exact_copy, should_cancel=self.should_cancel)
+        self.schedule = _schedule_of(planned) or self.default_schedule
         return self.model
 
     def images(self, model: PreviewModel, target_index: int):
@@ -203,8 +236,9 @@ class _Renderer:
     def _conditioning(self, model: PreviewModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompts' contexts as one batch, each padded with empty-prompt chunks to the
         longest (one UNet call needs equal lengths, as in the WebUI), and the pooled vectors."""
-        conds = [model.encode(p, self.tokenizer) for p in prompts]
-        empty = model.encode("", self.tokenizer).context[:WINDOW]
+        skip = self.sampling.clip_skip
+        conds = [model.encode(p, self.tokenizer, skip) for p in prompts]
+        empty = model.encode("", self.tokenizer, skip).context[:WINDOW]
         chunks = max(c.context.shape[0] // WINDOW for c in conds)
         contexts = [torch.cat([c.context, *[empty] * (chunks - c.context.shape[0] // WINDOW)]) for c in conds]
         pooled = [c.pooled for c in conds]
@@ -212,48 +246,123 @@ class _Renderer:
                 torch.stack(pooled).to(self.dtype) if pooled[0] is not None else None)
 
     def _sample(self, model: PreviewModel, batch: list[tuple[int, int]]) -> list:
+        """txt2img as the WebUI's StableDiffusionProcessingTxt2Img.sample, hires fix included."""
         s = self.sampling
-        n = len(batch)
+        seeds = [seed for _, seed in batch]
+        prompts = [s.prompts[p] for p, _ in batch]
+        channels = model.modules["unet"].settings["config"]["in_channels"]
+        config = model.modules["unet"].settings["config"]
+        freeu = FreeUState.for_unet(s.freeu, list(config["block_out_channels"])) if s.freeu is not None else None
+        rng = ImageNoise(seeds, (channels, s.height // 8, s.width // 8), self.device)
+        sigmas = self.schedule.sigmas_for(s.steps, s.sampler in KARRAS)
+        x = rng() * sigmas[0]
+        x = self._run(model, prompts, s.width, s.height, x, sigmas, rng, freeu)
+        if s.hires is None:
+            return self._decode(model, x)
+        return self._decode(model, self._hires(model, prompts, seeds, x, freeu))
+
+    def _hires(self, model: PreviewModel, prompts: list[str], seeds: list[int], x: torch.Tensor,
+               freeu: FreeUState | None) -> torch.Tensor:
+        """`sample_hr_pass`: upscale, then img2img with the second-pass steps and denoising."""
+        s, hires = self.sampling, self.sampling.hires
+        assert hires is not None
+        width, height, truncate_x, truncate_y = hires.target_size(s.width, s.height)
+        if hires.upscaler in LATENT_UPSCALERS:
+            mode, antialias = LATENT_UPSCALERS[hires.upscaler]
+            x = upscale_latents(x, height, width, mode, antialias)
+        else:
+            x = self._encode(model, [upscale_image(image, width, height, hires.upscaler)
+                                     for image in self._decode(model, x, as_images=True)], seeds)
+        x = x[:, :, truncate_y // 2:x.shape[2] - (truncate_y + 1) // 2, truncate_x // 2:x.shape[3] - (truncate_x + 1) // 2]
+        rng = ImageNoise(seeds, x.shape[1:], self.device)  # the WebUI starts new generators for this pass
+        noise = rng()
+        total, t_enc = hires.steps(s.steps)
+        sigmas = self.schedule.sigmas_for(total, s.sampler in KARRAS)[total - t_enc - 1:]
+        return self._run(model, prompts, width, height, x + noise * sigmas[0], sigmas, rng, freeu)
+
+    def _run(self, model: PreviewModel, prompts: list[str], width: int, height: int, x: torch.Tensor,
+             sigmas: torch.Tensor, rng: ImageNoise, freeu: FreeUState | None) -> torch.Tensor:
+        """One sampling pass from `x` (already at noise level sigmas[0])."""
+        s = self.sampling
+        n = len(prompts)
         prediction = s.prediction_type or DEFAULT_PREDICTION[model.architecture]
         # The unconditional half first, then the conditional one, in one batch.
-        context, pooled = self._conditioning(model, [s.negative_prompt] * n + [s.prompts[p] for p, _ in batch])
+        context, pooled = self._conditioning(model, [s.negative_prompt] * n + prompts)
         added = None
-        if pooled is not None:
-            size = [s.height, s.width, 0, 0, s.height, s.width]
-            time_ids = torch.tensor([size] * (2 * n), dtype=self.dtype, device=self.device)
+        if pooled is not None:  # SDXL's size conditioning: the size this pass samples at
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]] * (2 * n), dtype=self.dtype,
+                                    device=self.device)
             added = {"text_embeds": pooled, "time_ids": time_ids}
         unet = model.modules["unet"].module
-        guidance = s.cfg_scale
+        steps = len(sigmas) - 1
+        calls = 0
+        if freeu is not None:
+            freeu.sampling_steps = steps
 
-        def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            # sigma is a Python float: nothing here waits for the GPU, so kernel launches for the
-            # next step queue up while this one runs.
-            x_in = (x * c_in(sigma)).to(self.dtype)
-            t = torch.full((2 * n,), self.schedule.sigma_to_t(sigma), dtype=torch.float32, device=self.device)
-            with torch.no_grad():
-                out = unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=context,
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            # sigma stays on the host (float32, as the WebUI's schedule is): nothing here waits
+            # for the GPU, so kernel launches for the next step queue up while this one runs.
+            x_in = (x * c_in(sigma).view(-1, 1, 1, 1).to(x.device)).to(self.dtype)
+            t = self.schedule.sigma_to_t(sigma).to(self.device)
+            with torch.no_grad(), freeu_active(unet, freeu):
+                out = unet(torch.cat([x_in, x_in]), torch.cat([t, t]), encoder_hidden_states=context,
                            added_cond_kwargs=added, return_dict=False)[0].float()
             pred_uncond, pred_cond = out.chunk(2)
             d_uncond = denoised_from(pred_uncond, x, sigma, prediction)
             d_cond = denoised_from(pred_cond, x, sigma, prediction)
-            return d_uncond + guidance * (d_cond - d_uncond)
+            if s.dynamic_thresholding is not None:
+                result = dynamic_threshold(d_cond, d_uncond, s.cfg_scale, s.dynamic_thresholding, calls, steps)
+            else:
+                result = d_uncond + (d_cond - d_uncond) * s.cfg_scale
+            calls += 1
+            if freeu is not None:
+                freeu.current_step += 1  # the extension counts after every CFG
+            return result
 
-        generators = [torch.Generator().manual_seed(seed) for _, seed in batch]
-        latent_shape = (model.modules["unet"].settings["config"]["in_channels"], s.height // 8, s.width // 8)
-        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device)
-        sigmas = self.schedule.sigmas_for(s.steps, s.sampler in KARRAS)
-        x = noise * float(sigmas[0])
-        x = sample(s.sampler, denoise, x, sigmas, generators)
-        return self._decode(model, x)
+        return sample(s.sampler, denoise, x, sigmas, rng)
 
-    def _decode(self, model: PreviewModel, latents: torch.Tensor) -> list:
+    def _decode(self, model: PreviewModel, latents: torch.Tensor, as_images: bool = False) -> list:
+        """`decode_first_stage`, then the WebUI's clamp((x + 1) / 2) * 255 cast to uint8 (truncated)."""
         vae = model.modules["vae"].module
         scale = model.modules["vae"].settings["config"]["scaling_factor"]
         vae_dtype = next(vae.parameters()).dtype
         with torch.no_grad():
             images = vae.decode((latents / scale).to(vae_dtype), return_dict=False)[0]
-        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return [image.permute(1, 2, 0).cpu().numpy() for image in images]
+        images = (255.0 * torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0)).to(torch.uint8)
+        arrays = [image.permute(1, 2, 0).cpu().numpy() for image in images]
+        if not as_images:
+            return arrays
+        from PIL import Image
+
+        return [Image.fromarray(array) for array in arrays]
+
+    def _encode(self, model: PreviewModel, images: list, seeds: list[int]) -> torch.Tensor:
+        """`images_tensor_to_samples`: pixels to the latent posterior's sample, times the scale. The
+        WebUI draws the sample's noise from its global generator, last seeded with the batch's
+        last seed; here each image's own seed seeds it (the same at batch size 1)."""
+        import numpy as np
+
+        vae = model.modules["vae"].module
+        scale = model.modules["vae"].settings["config"]["scaling_factor"]
+        vae_dtype = next(vae.parameters()).dtype
+        pixels = torch.from_numpy(np.stack([np.moveaxis(np.array(i).astype(np.float32) / 255.0, 2, 0) for i in images]))
+        with torch.no_grad():
+            posterior = vae.encode((pixels * 2 - 1).to(self.device, vae_dtype), return_dict=False)[0]
+        mean, std = posterior.mean.float(), posterior.std.float()
+        noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(int(seed)))
+                             for seed in seeds]).to(mean.device)
+        return (mean + std * noise) * scale
+
+
+def _schedule_of(planned: Plan) -> Schedule | None:
+    """The checkpoint's own alphas_cumprod, where it has one (the WebUI samples with it)."""
+    key = next((k for k in planned.keys if k.key == "alphas_cumprod"), None)
+    if key is None:
+        return None
+    term = key.terms[0]
+    values = planned.inputs[term.input].checkpoint.read_tensor(term.key).reshape(-1)
+    return Schedule(values) if values.numel() >= 2 and bool(torch.isfinite(values).all()) else None
 
 
 # On a GPU the last model stays loaded between calls (a worker's next preview job often wants the
