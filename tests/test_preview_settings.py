@@ -21,7 +21,13 @@ from merge_engine.preview.a1111_settings import (
     from_txt2img_payload,
     infotext_parameters,
 )
-from merge_engine.preview.effects import FreeUState, dynamic_threshold, filter_skip, free_u, ratio_to_region
+from merge_engine.preview.effects import (
+    FreeUState,
+    dynamic_threshold,
+    filter_skip,
+    free_u,
+    ratio_to_region,
+)
 from merge_engine.preview.infotext import format_parameters, read_png_parameters, read_png_pixels
 from merge_engine.preview.params import DynamicThresholding, FreeU, FreeUStage, Hires, Sampling
 from merge_engine.preview.pipeline import clip_layer
