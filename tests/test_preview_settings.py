@@ -373,3 +373,27 @@ def test_steps_and_sizes_the_webui_allows():
     with pytest.raises(OptionsError, match="no model-based upscalers"):
         Sampling(prompts=("x",), hires=Hires(upscaler="R-ESRGAN 4x+")).validate()
     assert json.loads(json.dumps(Sampling(prompts=("x",), hires=Hires()).to_dict()))["hires"]["upscaler"] == "Latent"
+
+
+def test_the_cli_takes_a_payload_file_and_flags_over_it(models, tmp_path, capsys):
+    from merge_engine.cli import main
+
+    payload = {"prompt": "a cat", "seed": 4, "steps": 3, "cfg_scale": 6, "sampler_name": "Euler a", "width": 64,
+               "height": 64, "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    (tmp_path / "topic.json").write_text(json.dumps(payload))
+    out = tmp_path / "out.png"
+    assert main(["preview", str(models / "sd1-0.safetensors"), "--settings", str(tmp_path / "topic.json"),
+                 "--hires-scale", "1.5", "--hires-steps", "2", "--vae", str(models / "other-vae.safetensors"),
+                 "--mimic-scale", "1", "--freeu", "1.1", "0.9", "1.2", "0.2", "--device", "cpu", "-o", str(out),
+                 "--quiet"]) == 0
+    text = read_png_parameters(out)
+    assert text.startswith("a cat\nSteps: 3, Sampler: Euler a, CFG scale: 6, Seed: 4, Size: 64x64")
+    for fragment in ("Clip skip: 2", "VAE: other-vae.safetensors", "Hires upscale: 1.5, Hires steps: 2",
+                     "FreeU Version: 2", "Mimic scale: 1"):
+        assert fragment in text, fragment
+    assert read_png_pixels(out).shape == (96, 96, 3)
+    (tmp_path / "bad.json").write_text(json.dumps({**payload, "restore_faces": True}))
+    assert main(["preview", str(models / "sd1-0.safetensors"), "--settings", str(tmp_path / "bad.json"),
+                 "-o", str(tmp_path / "bad.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "restore_faces" in err and not (tmp_path / "bad.png").exists()

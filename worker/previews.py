@@ -13,7 +13,7 @@ import shutil
 from app.models import Preview
 from app.runtime import Runtime
 from app.services.files import publish_dir, result_dir, staging_dir
-from merge_engine.recipe import parse_recipe
+from merge_engine.recipe import ModelLeaf, parse_recipe
 from worker import lease
 from worker.hashing import rehash_if_changed
 from worker.jobs import registry_resolver
@@ -35,7 +35,7 @@ def image_progress(progress: tuple[int, int]) -> dict:
 
 
 def _render(runtime: Runtime, preview_id: int, heartbeat: Heartbeat) -> Outcome:
-    from merge_engine.preview.render import Sampling, Target, render_previews
+    from merge_engine.preview.render import DecodeVae, Sampling, Target, render_previews
 
     settings = runtime.settings
     with runtime.sessions() as session:
@@ -44,13 +44,15 @@ def _render(runtime: Runtime, preview_id: int, heartbeat: Heartbeat) -> Outcome:
     targets = [Target(t["label"], parse_recipe(t["recipe"]), resolve, t["model_name"], t["model_hash"])
                for t in request["targets"]]
     sampling = Sampling(**request["sampling"])
+    vae = request.get("vae")
+    decode = DecodeVae(ModelLeaf(sha256=vae["sha256"], name=vae["name"]), vae["name"]) if vae else None
     staging = staging_dir(settings, Preview.kind, preview_id, heartbeat.owner)
     out = staging / "out"
     try:
         with rehash_if_changed(runtime.sessions):
             result = render_previews(targets, sampling, out, device=settings.preview_device,
                                      progress=lambda done, total: heartbeat.record((done, total)),
-                                     should_cancel=heartbeat.should_stop)
+                                     should_cancel=heartbeat.should_stop, vae=decode)
         heartbeat.check()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

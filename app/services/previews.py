@@ -22,6 +22,8 @@ from app.queue import PREVIEW_TASK
 from app.services import leased, merges, registry
 from app.services.files import result_dir
 from app.settings import Settings
+from merge_engine.errors import ResolveError
+from merge_engine.preview.a1111_settings import from_infotext, from_txt2img_payload
 from merge_engine.preview.params import PREDICTION_TYPES, SAMPLERS, Sampling
 
 Ref = str | int
@@ -38,7 +40,8 @@ class PreviewRequest(BaseModel):
     base: Ref | None = Field(default=None, description="text-encoder sweep: the model to take everything else from")
     swap_text_encoder_from: list[Ref] = Field(
         default=[], description="text-encoder sweep: one target per model, `base` with this model's text_encoder")
-    prompts: list[str] = Field(description="one column of images per prompt and seed")
+    prompts: list[str] = Field(default=[], description="one row of images per prompt and seed (required unless "
+                                                       "`a1111` or `infotext` gives the prompt)")
     negative_prompt: str = DEFAULTS["negative_prompt"]
     seeds: list[int] = Field(default=list(DEFAULTS["seeds"]))
     steps: int = DEFAULTS["steps"]
@@ -48,19 +51,51 @@ class PreviewRequest(BaseModel):
     height: int = Field(default=DEFAULTS["height"], description="a multiple of 8")
     prediction_type: str | None = Field(
         default=None, description=f"{' | '.join(PREDICTION_TYPES)}; default: the architecture's")
+    clip_skip: int = Field(default=1, description="the WebUI's CLIP_stop_at_last_layers")
+    hires: dict[str, Any] | None = Field(
+        default=None, description="hires fix: upscaler (Latent, Latent (antialiased), Latent (bicubic), "
+                                  "Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), Lanczos, "
+                                  "Nearest), scale or resize_x/resize_y, second_pass_steps, denoising_strength")
+    freeu: dict[str, Any] | None = Field(
+        default=None, description="FreeU as sd-webui-freeu: stages (3 x {backbone_factor, skip_factor, "
+                                  "backbone_offset, backbone_width, skip_cutoff, skip_high_end_factor}), "
+                                  "start_ratio, stop_ratio, transition_smoothness, version (1 or 2)")
+    dynamic_thresholding: dict[str, Any] | None = Field(
+        default=None, description="sd-dynamic-thresholding: mimic_scale, threshold_percentile, mimic_mode, "
+                                  "mimic_scale_min, cfg_mode, cfg_scale_min, sched_val, separate_feature_channels, "
+                                  "scaling_startpoint (MEAN, ZERO), variability_measure (AD, STD), interpolate_phi")
+    vae: Ref | None = Field(default=None, description="decode every image with this model's VAE (the WebUI's sd_vae)")
+    a1111: dict[str, Any] | None = Field(
+        default=None, description="an A1111 txt2img API body (what /sdapi/v1/txt2img takes): its settings, prompt "
+                                  "and seeds; fields given beside it here override it")
+    infotext: str | None = Field(default=None, description="a pasted A1111 infotext; as `a1111`")
 
-    def sampling(self) -> Sampling:
-        return Sampling(**{name: getattr(self, name) for name in SAMPLING_FIELDS if name in type(self).model_fields})
+    def sampling(self) -> tuple[Sampling, str | None]:
+        """The sampling, and the VAE file name an imported payload or infotext asks for."""
+        if self.a1111 is not None and self.infotext is not None:
+            raise InvalidPreview("give a1111 or infotext, not both")
+        base, vae = (from_txt2img_payload(self.a1111) if self.a1111 is not None
+                     else from_infotext(self.infotext) if self.infotext is not None else (None, None))
+        given = self.model_fields_set if base is not None else set(type(self).model_fields)
+        values = base.to_dict() if base is not None else {}
+        for name in SAMPLING_FIELDS:
+            if name in given and name in type(self).model_fields:
+                values[name] = getattr(self, name)
+        try:
+            return Sampling(**values), vae
+        except TypeError as exc:
+            raise InvalidPreview(f"bad preview settings: {exc}") from None
 
 
 def submit(session: Session, request: PreviewRequest) -> Preview:
-    sampling = request.sampling()
+    sampling, vae_name = request.sampling()
     targets = _targets(session, request)
     sampling.validate(targets=len(targets))
+    vae = _decode_vae(session, request.vae if request.vae is not None else vae_name)
     total = len(targets) * sampling.images_per_target()
     data = {k: v for k, v in asdict(sampling).items() if k != "extra"}
     preview = Preview(status="queued", progress={"images_done": 0, "images_total": total}, cancel_requested=False,
-                      attempts=0, dispatched_at=utcnow(), request={"targets": targets, "sampling": data})
+                      attempts=0, dispatched_at=utcnow(), request={"targets": targets, "sampling": data, "vae": vae})
     session.add(preview)
     session.flush()
     enqueue(session, PREVIEW_TASK, preview.id)
@@ -101,6 +136,22 @@ def _targets(session: Session, request: PreviewRequest) -> list[dict[str, Any]]:
             target["model_name"] = f"{base.name} + TE {candidate.name}"
             out.append(target)
     return out
+
+
+def _decode_vae(session: Session, ref: Ref | None) -> dict[str, Any] | None:
+    """A registered model to decode with: {sha256, name (its file's, as the WebUI names VAEs)}."""
+    if ref is None:
+        return None
+    try:
+        (model,) = registry.find_ready(session, [str(ref)])
+    except ResolveError:  # a WebUI payload or infotext names the VAE by its file name
+        found = registry.find_leaf(session, None, str(ref))
+        if found is None:
+            raise
+        model = registry.require_ready(found, str(ref))
+    if "vae" not in (model.components or {}):
+        raise InvalidPreview(f"model {model.name!r} has no VAE to decode with", model=str(ref))
+    return {"sha256": model.sha256, "name": Path(model.path).name}
 
 
 def _leaf(sha256: str, name: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from merge_engine.preview.params import DEFAULT_PREDICTION, PREDICTION_TYPES, SA
 def add_parser(sub, roots: argparse.ArgumentParser) -> None:
     p = sub.add_parser("preview", parents=[roots], help="sample images from checkpoints or recipes (no files merged)")
     p.add_argument("targets", nargs="+", metavar="TARGET", help="a checkpoint file or a recipe .json")
-    p.add_argument("--prompt", action="append", required=True, help="repeatable: one grid row each")
+    p.add_argument("--prompt", action="append", help="repeatable: one grid row each (default: --settings' prompt)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, action="append", help="repeatable (default: 0)")
     p.add_argument("--steps", type=int, default=20)
@@ -34,6 +34,22 @@ def add_parser(sub, roots: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES,
                    help=f"default: {', '.join(f'{a} {p}' for a, p in DEFAULT_PREDICTION.items())}")
     p.add_argument("--batch-size", type=int, default=4)
+    webui = p.add_argument_group("the WebUI's settings (a flag given here overrides --settings)")
+    webui.add_argument("--settings", type=Path, metavar="FILE",
+                       help="an A1111 txt2img API body (.json) or a pasted infotext (.txt): prompt, seed, sampler, "
+                            "size, hires fix, clip skip, sd_vae, FreeU, dynamic thresholding")
+    webui.add_argument("--clip-skip", type=int, help="the WebUI's CLIP_stop_at_last_layers (default 1)")
+    webui.add_argument("--vae", metavar="REF", help="decode with the VAE of this file (the WebUI's sd_vae)")
+    webui.add_argument("--hires-scale", type=float, help="hires fix: upscale by this (turns hires fix on)")
+    webui.add_argument("--hires-upscaler", help="Latent (default), Latent (antialiased), Latent (bicubic), ..., "
+                                                "Lanczos, Nearest")
+    webui.add_argument("--hires-steps", type=int, help="second-pass steps (default: as many as the first pass)")
+    webui.add_argument("--denoising-strength", type=float, help="hires fix's second pass (default 0.7)")
+    webui.add_argument("--freeu", type=float, nargs=4, metavar=("B1", "S1", "B2", "S2"),
+                       help="FreeU backbone and skip factors of the first two stages (sd-webui-freeu)")
+    webui.add_argument("--freeu-version", choices=("1", "2"), default=None, help="default 2")
+    webui.add_argument("--mimic-scale", type=float, help="dynamic thresholding's mimic CFG scale (turns it on)")
+    webui.add_argument("--interpolate-phi", type=float, help="dynamic thresholding's interpolate phi (default 1)")
     p.add_argument("--device", default="auto", help="auto (GPU in fp16 if present, else CPU in fp32), cpu, cuda")
     p.add_argument("--swap-text-encoder-from", nargs="+", metavar="REF", default=[],
                    help="text-encoder sweep: one column per REF, each the first TARGET with REF's text encoder")
@@ -66,10 +82,62 @@ def _target(ref: str, roots: list[str]):
     return Target(found.stem, Recipe(merge=str(found.resolve())), resolver, found.stem)
 
 
+def _sampling(args: argparse.Namespace, width: int, height: int) -> tuple[Sampling, str | None]:
+    """--settings (a txt2img body or an infotext) as the base, the flags given over it."""
+    from dataclasses import replace
+
+    from merge_engine.jsonsafe import read_file
+    from merge_engine.preview.a1111_settings import from_infotext, from_txt2img_payload
+    from merge_engine.preview.params import DynamicThresholding, FreeU, FreeUStage, Hires
+
+    base, vae = None, None
+    if args.settings:
+        raw = read_file(args.settings, "settings file", 16 << 20, OptionsError)
+        text = raw.decode("utf-8", errors="replace")
+        if args.settings.suffix.lower() == ".json":
+            from merge_engine.jsonsafe import loads
+
+            base, vae = from_txt2img_payload(loads(text, what=f"settings file {args.settings}", error=OptionsError))
+        else:
+            base, vae = from_infotext(text)
+    if base is None and not args.prompt:
+        raise OptionsError("give --prompt, or --settings with a prompt")
+    s = base or Sampling(prompts=tuple(args.prompt), width=width, height=height)
+    given = {name: value for name, value in (
+        ("prompts", tuple(args.prompt) if args.prompt else None),
+        ("negative_prompt", args.negative_prompt if args.negative_prompt or base is None else None),
+        ("seeds", tuple(args.seed) if args.seed else None),
+        ("steps", args.steps if base is None or args.steps != 20 else None),
+        ("cfg_scale", args.cfg_scale if base is None or args.cfg_scale != 7.0 else None),
+        ("sampler", args.sampler if base is None or args.sampler != "euler" else None),
+        ("width", args.width), ("height", args.height), ("prediction_type", args.prediction_type),
+        ("batch_size", args.batch_size if base is None or args.batch_size != 4 else None),
+        ("clip_skip", args.clip_skip)) if value is not None}
+    s = replace(s, **given)
+    if any(v is not None for v in (args.hires_scale, args.hires_upscaler, args.hires_steps, args.denoising_strength)):
+        h = s.hires or Hires()
+        s = replace(s, hires=replace(h, **{k: v for k, v in (
+            ("scale", args.hires_scale), ("upscaler", args.hires_upscaler), ("second_pass_steps", args.hires_steps),
+            ("denoising_strength", args.denoising_strength)) if v is not None}))
+    if args.freeu or args.freeu_version:
+        f = s.freeu or FreeU()
+        stages = f.stages
+        if args.freeu:
+            b1, s1, b2, s2 = args.freeu
+            stages = (FreeUStage(b1, s1), FreeUStage(b2, s2), f.stages[2])
+        s = replace(s, freeu=replace(f, stages=stages, version=args.freeu_version or f.version))
+    if args.mimic_scale is not None or args.interpolate_phi is not None:
+        d = s.dynamic_thresholding or DynamicThresholding()
+        s = replace(s, dynamic_thresholding=replace(d, **{k: v for k, v in (
+            ("mimic_scale", args.mimic_scale), ("interpolate_phi", args.interpolate_phi)) if v is not None}))
+    return s, vae
+
+
 def run(args: argparse.Namespace) -> int:
     from merge_engine.plan import plan
-    from merge_engine.preview.render import Target, render_previews
+    from merge_engine.preview.render import DecodeVae, Target, render_previews
     from merge_engine.recipe import Recipe
+    from merge_engine.resolve import FileResolver
 
     targets = [_target(ref, args.model_root) for ref in args.targets]
     if args.swap_text_encoder_from:
@@ -84,18 +152,20 @@ def run(args: argparse.Namespace) -> int:
             swaps.append(Target(f"TE: {donor.label}", recipe, base.resolver, recipe.name or donor.label))
         targets = [base, *swaps]
     width, height = args.width, args.height
-    if width is None or height is None:
+    if (width is None or height is None) and not args.settings:
         first = plan(targets[0].recipe, targets[0].resolver)
         first.close()
         from merge_engine.preview.models import architecture_config
 
         size = architecture_config(first.architecture or "")["size"]
         width, height = width or size, height or size
-    sampling = Sampling(prompts=tuple(args.prompt), negative_prompt=args.negative_prompt,
-                        seeds=tuple(args.seed or [0]), steps=args.steps, cfg_scale=args.cfg_scale,
-                        sampler=args.sampler, width=width, height=height,
-                        prediction_type=args.prediction_type, batch_size=args.batch_size)
+    sampling, vae_name = _sampling(args, width, height)
     sampling.validate(len(targets))
+    vae = None
+    if args.vae or vae_name:
+        resolver = FileResolver(Path.cwd(), args.model_root)
+        found = resolver.find(args.vae or vae_name, required=True)
+        vae = DecodeVae(str(found.resolve()), found.name)
     output = Path(args.output)
     if output.suffix.lower() != ".png":
         raise OptionsError(f"the output must be a .png file, got {output}")
@@ -112,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix=f".{output.stem}.", dir=output.parent) as tmp:
         result = render_previews(targets, sampling, tmp, device=args.device, progress=show,
-                                 image_name=lambda n: f"images/{n:03d}.png")
+                                 image_name=lambda n: f"images/{n:03d}.png", vae=vae)
         if single:
             os.replace(result.images[0].path, output)
         else:

@@ -148,3 +148,33 @@ def test_cancel_queued_and_running_previews(client, run_tasks, runtime, sd2_mode
     assert client.delete(f"/previews/{running['id']}").status_code == 204
     assert client.get(f"/previews/{running['id']}").status_code == 404
     run_tasks()
+
+
+def test_webui_settings_an_a1111_payload_and_a_decode_vae(client, run_tasks, sd2_models):
+    """The settings model makers use, through the API: a txt2img payload with hires fix, clip skip,
+    FreeU and dynamic thresholding, seeds overridden beside it, decoded with another model's VAE."""
+    payload = {"prompt": "a red cube", "negative_prompt": "blurry", "seed": 5, "steps": 3, "cfg_scale": 6,
+               "sampler_name": "Euler", "width": 64, "height": 64, "enable_hr": True, "hr_scale": 1.5,
+               "hr_upscaler": "Latent", "hr_second_pass_steps": 2, "denoising_strength": 0.7,
+               "override_settings": {"CLIP_stop_at_last_layers": 2},
+               "alwayson_scripts": {"Dynamic Thresholding (CFG Scale Fix)": {
+                   "args": [True, 1, 100, "Constant", 0, "Constant", 0, 4, True, "MEAN", "AD", 0.3]},
+                   "FreeU": {"args": [True, 0.0, 1.0, 0.0, "2", 1.1, 0.9, 0, 0.5, 0, 1]}}}
+    response = client.post("/previews", json={"targets": ["a"], "a1111": payload, "seeds": [5, 6], "vae": "b"})
+    assert response.status_code == 202, response.text
+    run_tasks()
+    done = client.get(f"/previews/{response.json()['id']}").json()
+    assert done["status"] == "succeeded", done
+    assert len(done["images"]) == 2 and done["sampling"]["hires"]["scale"] == 1.5
+    text = done["images"][0]["infotext"]
+    for fragment in ("Steps: 3, Sampler: Euler, CFG scale: 6, Seed: 5, Size: 64x64", "VAE hash: ",
+                     "VAE: sd2-2.safetensors", "Denoising strength: 0.7, Clip skip: 2, RNG: CPU",
+                     "FreeU Version: 2, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent",
+                     "Dynamic thresholding enabled: True, Mimic scale: 1"):
+        assert fragment in text, (fragment, text)
+    assert png_size(client.get(done["images"][0]["url"]).content) == (96, 96)
+    refused = client.post("/previews", json={"targets": ["a"], "a1111": {**payload, "restore_faces": True}})
+    assert refused.status_code == 422 and "restore_faces" in refused.json()["error"]["message"]
+    pasted = client.post("/previews", json={"targets": ["a"], "infotext": text})
+    assert pasted.status_code == 202, pasted.text
+    assert pasted.json()["sampling"]["dynamic_thresholding"]["interpolate_phi"] == 0.3
