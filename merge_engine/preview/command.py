@@ -22,7 +22,7 @@ from merge_engine.preview.params import DEFAULT_PREDICTION, PREDICTION_TYPES, SA
 
 def add_parser(sub, roots: argparse.ArgumentParser) -> None:
     p = sub.add_parser("preview", parents=[roots], help="sample images from checkpoints or recipes (no files merged)")
-    p.add_argument("targets", nargs="+", metavar="TARGET", help="a checkpoint file or a recipe .json")
+    p.add_argument("targets", nargs="*", metavar="TARGET", help="a checkpoint file or a recipe .json")
     p.add_argument("--prompt", action="append", help="repeatable: one grid row each (default: --settings' prompt)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, action="append", help="repeatable (default: 0)")
@@ -35,9 +35,10 @@ def add_parser(sub, roots: argparse.ArgumentParser) -> None:
                    help=f"default: {', '.join(f'{a} {p}' for a, p in DEFAULT_PREDICTION.items())}")
     p.add_argument("--batch-size", type=int, default=4)
     webui = p.add_argument_group("the WebUI's settings (a flag given here overrides --settings)")
-    webui.add_argument("--settings", type=Path, metavar="FILE",
+    webui.add_argument("--settings", type=Path, metavar="FILE", action="append", default=[],
                        help="an A1111 txt2img API body (.json) or a pasted infotext (.txt): prompt, seed, sampler, "
-                            "size, hires fix, clip skip, sd_vae, FreeU, dynamic thresholding")
+                            "size, hires fix, clip skip, sd_vae, FreeU, dynamic thresholding; repeatable: one "
+                            "topic each (the grid's rows)")
     webui.add_argument("--clip-skip", type=int, help="the WebUI's CLIP_stop_at_last_layers (default 1)")
     webui.add_argument("--vae", metavar="REF", help="decode with the VAE of this file (the WebUI's sd_vae)")
     webui.add_argument("--hires-scale", type=float, help="hires fix: upscale by this (turns hires fix on)")
@@ -53,19 +54,29 @@ def add_parser(sub, roots: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU in fp16 if present, else CPU in fp32), cpu, cuda")
     p.add_argument("--swap-text-encoder-from", nargs="+", metavar="REF", default=[],
                    help="text-encoder sweep: one column per REF, each the first TARGET with REF's text encoder")
+    p.add_argument("--sweep", type=Path, metavar="FILE",
+                   help="a sweep (.json): {\"base\": B, \"kind\": text_encoder|unet|vae|leave_one_out|weight, ...} "
+                        "or {\"base\": B, \"x\": {...}, \"y\": {...}}; B and candidates are files, recipe .json "
+                        "files or inline recipes (see docs/PREVIEWS.md)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.png")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(handler=run)
 
 
-def _target(ref: str, roots: list[str]):
-    """A checkpoint file or a recipe file -> (label, recipe, resolver)."""
+def _target(ref: str | dict, roots: list[str], here: Path | None = None):
+    """A checkpoint file, a recipe file or an inline recipe -> (label, recipe, resolver)."""
     from merge_engine.preview.render import Target
     from merge_engine.recipe import Recipe, parse_recipe
     from merge_engine.resolve import FileResolver
 
+    if isinstance(ref, dict):
+        recipe = parse_recipe(ref)
+        name = recipe.name or "recipe"
+        return Target(name, recipe, FileResolver(here or Path.cwd(), roots), name)
     path = Path(ref)
+    if here is not None and not path.is_absolute() and (here / path).exists():
+        path = here / path
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -76,33 +87,85 @@ def _target(ref: str, roots: list[str]):
         recipe = parse_recipe(data)
         name = recipe.name or path.stem
         return Target(name, recipe, FileResolver(path.parent, roots), name)
-    resolver = FileResolver(Path.cwd(), roots)
+    resolver = FileResolver(here or Path.cwd(), roots)
     found = resolver.find(ref, required=True)
     assert found is not None
     return Target(found.stem, Recipe(merge=str(found.resolve())), resolver, found.stem)
 
 
-def _sampling(args: argparse.Namespace, width: int, height: int) -> tuple[Sampling, str | None]:
-    """--settings (a txt2img body or an infotext) as the base, the flags given over it."""
+def _absolute(target):
+    """The target's recipe with its path leaves made absolute, so that it can be combined with
+    other files' recipes (a sweep's variants) under one resolver."""
     from dataclasses import replace
 
-    from merge_engine.jsonsafe import read_file
+    from merge_engine.recipe import rewrite_leaves
+
+    def absolute(leaf):
+        return str(target.resolver(leaf).path.resolve()) if isinstance(leaf, str) else leaf
+
+    return replace(target, recipe=rewrite_leaves(target.recipe, absolute))
+
+
+def _sweep_targets(args: argparse.Namespace):
+    """--sweep FILE -> (targets, grid rows, anchor)."""
+    from merge_engine.jsonsafe import loads, read_file
+    from merge_engine.plan import plan
+    from merge_engine.preview.render import Target
+    from merge_engine.preview.sweeps import Source, expand, parse_sweep
+
+    raw = read_file(args.sweep, "sweep file", 16 << 20, OptionsError)
+    sweep = parse_sweep(loads(raw.decode("utf-8", errors="replace"), what=f"sweep file {args.sweep}",
+                              error=OptionsError))
+    here = args.sweep.parent
+
+    def source(ref) -> Source:
+        if not isinstance(ref, str | dict):
+            raise OptionsError(f"a sweep's base and candidates are file names or recipes, got {ref!r}")
+        target = _absolute(_target(ref, args.model_root, here))
+        return Source(target.label, target.recipe)
+
+    base = source(sweep.base)
+    resolver = _target(sweep.base, args.model_root, here).resolver
+    planned = plan(base.recipe, resolver)
+    planned.close()
+    expanded = expand(sweep, base, lambda axis: [source(c) for c in axis.candidates], planned.architecture or "")
+    targets = [Target(cell.label, cell.recipe, resolver, cell.model_name) for cell in expanded.cells]
+    return targets, expanded.rows, expanded.anchor
+
+
+def _topics(args: argparse.Namespace, width: int | None, height: int | None) -> tuple[list[Sampling], str | None]:
+    """One topic per --settings file (none: one from the flags), each with the flags over it; and
+    the VAE the files name (they must agree)."""
+    from merge_engine.jsonsafe import loads, read_file
     from merge_engine.preview.a1111_settings import from_infotext, from_txt2img_payload
-    from merge_engine.preview.params import DynamicThresholding, FreeU, FreeUStage, Hires
 
-    base, vae = None, None
-    if args.settings:
-        raw = read_file(args.settings, "settings file", 16 << 20, OptionsError)
+    if not args.settings:
+        if not args.prompt:
+            raise OptionsError("give --prompt, or --settings with a prompt")
+        return [_flags_over(args, None, width, height)], None
+    topics, vaes = [], set()
+    for path in args.settings:
+        raw = read_file(path, "settings file", 16 << 20, OptionsError)
         text = raw.decode("utf-8", errors="replace")
-        if args.settings.suffix.lower() == ".json":
-            from merge_engine.jsonsafe import loads
-
-            base, vae = from_txt2img_payload(loads(text, what=f"settings file {args.settings}", error=OptionsError))
+        if path.suffix.lower() == ".json":
+            base, vae = from_txt2img_payload(loads(text, what=f"settings file {path}", error=OptionsError))
         else:
             base, vae = from_infotext(text)
-    if base is None and not args.prompt:
-        raise OptionsError("give --prompt, or --settings with a prompt")
-    s = base or Sampling(prompts=tuple(args.prompt), width=width, height=height)
+        topics.append(_flags_over(args, base, width, height))
+        vaes.add(vae)
+    named = sorted(v for v in vaes if v is not None)
+    if len(named) > 1 or (named and None in vaes and not args.vae):
+        raise OptionsError(f"the settings files ask for different VAEs ({', '.join(named)} or none); give --vae")
+    return topics, named[0] if named else None
+
+
+def _flags_over(args: argparse.Namespace, base: Sampling | None, width: int | None, height: int | None) -> Sampling:
+    """The flags given, over `base` (a settings file's) or the defaults."""
+    from dataclasses import replace
+
+    from merge_engine.preview.params import DynamicThresholding, FreeU, FreeUStage, Hires
+
+    s = base or Sampling(prompts=tuple(args.prompt), width=width or 512, height=height or 512)
     given = {name: value for name, value in (
         ("prompts", tuple(args.prompt) if args.prompt else None),
         ("negative_prompt", args.negative_prompt if args.negative_prompt or base is None else None),
@@ -130,16 +193,24 @@ def _sampling(args: argparse.Namespace, width: int, height: int) -> tuple[Sampli
         d = s.dynamic_thresholding or DynamicThresholding()
         s = replace(s, dynamic_thresholding=replace(d, **{k: v for k, v in (
             ("mimic_scale", args.mimic_scale), ("interpolate_phi", args.interpolate_phi)) if v is not None}))
-    return s, vae
+    return s
 
 
 def run(args: argparse.Namespace) -> int:
     from merge_engine.plan import plan
-    from merge_engine.preview.render import DecodeVae, Target, render_previews
+    from merge_engine.preview.render import DecodeVae, Target, check_topics, render_previews
     from merge_engine.recipe import Recipe
     from merge_engine.resolve import FileResolver
 
-    targets = [_target(ref, args.model_root) for ref in args.targets]
+    rows = anchor = None
+    if args.sweep is not None:
+        if args.targets or args.swap_text_encoder_from:
+            raise OptionsError("give TARGETs or --sweep, not both")
+        targets, rows, anchor = _sweep_targets(args)
+    elif not args.targets:
+        raise OptionsError("give at least one TARGET, or --sweep")
+    else:
+        targets = [_target(ref, args.model_root) for ref in args.targets]
     if args.swap_text_encoder_from:
         base = targets[0]
         swaps = []
@@ -159,8 +230,8 @@ def run(args: argparse.Namespace) -> int:
 
         size = architecture_config(first.architecture or "")["size"]
         width, height = width or size, height or size
-    sampling, vae_name = _sampling(args, width, height)
-    sampling.validate(len(targets))
+    topics, vae_name = _topics(args, width, height)
+    check_topics(topics, len(targets))
     vae = None
     if args.vae or vae_name:
         resolver = FileResolver(Path.cwd(), args.model_root)
@@ -169,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix.lower() != ".png":
         raise OptionsError(f"the output must be a .png file, got {output}")
-    single = len(targets) * sampling.images_per_target() == 1
+    single = len(targets) * sum(t.images_per_target() for t in topics) == 1
     folder = output.with_suffix("")
     for path in [output] + ([] if single else [folder]):
         if path.exists() and not args.overwrite:
@@ -181,8 +252,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"\rimage {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory(prefix=f".{output.stem}.", dir=output.parent) as tmp:
-        result = render_previews(targets, sampling, tmp, device=args.device, progress=show,
-                                 image_name=lambda n: f"images/{n:03d}.png", vae=vae)
+        result = render_previews(targets, topics, tmp, device=args.device, progress=show,
+                                 image_name=lambda n: f"images/{n:03d}.png", vae=vae, grid_rows=rows, anchor=anchor)
         if single:
             os.replace(result.images[0].path, output)
         else:

@@ -1,4 +1,4 @@
-"""A labelled image grid: one column per target, one row per (prompt, seed), readable headers."""
+"""A labelled image grid: one column per target, one row per (topic, prompt, seed), readable headers."""
 
 from __future__ import annotations
 
@@ -33,11 +33,14 @@ def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
 
 def make_grid(images: Sequence[Sequence[np.ndarray]], column_labels: Sequence[str],
               row_labels: Sequence[str]) -> np.ndarray:
-    """images[row][column] (HxWx3 uint8, all one size) -> one labelled HxWx3 uint8 array."""
+    """images[row][column] (HxWx3 uint8; one size within a row, rows may differ: topics of other
+    sizes) -> one labelled HxWx3 uint8 array. Columns are as wide as the widest row's images;
+    narrower images are centred."""
     from PIL import Image, ImageDraw
 
     rows, columns = len(images), len(images[0])
-    height, width = images[0][0].shape[:2]
+    heights = [row[0].shape[0] for row in images]
+    width = max(row[0].shape[1] for row in images)
     size = max(12, min(28, width // 12))
     font = _font(size)
     line = int(size * 1.3)
@@ -45,17 +48,20 @@ def make_grid(images: Sequence[Sequence[np.ndarray]], column_labels: Sequence[st
     column_text = [_wrap(probe, label, font, width - 2 * PAD, 3) for label in column_labels]
     label_width = max(160, min(3 * width // 2, 360)) if rows > 1 or any(row_labels) else 0
     row_text = [_wrap(probe, label, font, label_width - 2 * PAD, max(1, (height - 2 * PAD) // line))
-                for label in row_labels]
+                for label, height in zip(row_labels, heights, strict=True)]
     header = PAD * 2 + line * max(len(t) for t in column_text)
-    canvas = Image.new("RGB", (label_width + columns * width, header + rows * height), BACKGROUND)
+    canvas = Image.new("RGB", (label_width + columns * width, header + sum(heights)), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for c, lines in enumerate(column_text):
         for i, text in enumerate(lines):
             x = label_width + c * width + (width - draw.textlength(text, font=font)) / 2
             draw.text((x, PAD + i * line), text, fill=INK, font=font)
+    top = header
     for r, lines in enumerate(row_text):
         for i, text in enumerate(lines):
-            draw.text((PAD, header + r * height + PAD + i * line), text, fill=INK, font=font)
+            draw.text((PAD, top + PAD + i * line), text, fill=INK, font=font)
         for c in range(columns):
-            canvas.paste(Image.fromarray(images[r][c]), (label_width + c * width, header + r * height))
+            cell = images[r][c]
+            canvas.paste(Image.fromarray(cell), (label_width + c * width + (width - cell.shape[1]) // 2, top))
+        top += heights[r]
     return np.asarray(canvas)

@@ -30,8 +30,8 @@ from merge_engine.preview.effects import (
 from merge_engine.preview.grid import make_grid
 from merge_engine.preview.infotext import format_parameters, write_png
 from merge_engine.preview.models import architecture_config, package_config
-from merge_engine.preview.params import DEFAULT_PREDICTION, LATENT_UPSCALERS, Sampling
-from merge_engine.preview.pipeline import PreviewModel
+from merge_engine.preview.params import DEFAULT_PREDICTION, LATENT_UPSCALERS, MAX_IMAGES, Sampling
+from merge_engine.preview.pipeline import Anchor, PreviewModel
 from merge_engine.preview.sampling import KARRAS, ImageNoise, Schedule, c_in, denoised_from, sample
 from merge_engine.preview.tokenizer import CHUNK_LENGTH, CLIPTokenizer
 from merge_engine.recipe import ModelLeaf, Recipe
@@ -67,6 +67,7 @@ class RenderedImage:
     prompt_index: int
     seed: int
     infotext: str
+    topic_index: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,9 @@ class PreviewResult:
     images: list[RenderedImage]
     grid: Path | None
     seconds: float
-    columns: list[str]  # the grid's column headers (one per target)
-    rows: list[str]  # its row headers (one per prompt and seed)
+    columns: list[str]  # the grid's column headers (one per target of a grid row)
+    rows: list[str]  # its row headers (one per grid row, topic, prompt and seed)
+    derived: int = 0  # components derived from the anchor's sums rather than summed
 
 
 def is_single_model(recipe: Recipe) -> bool:
@@ -93,7 +95,7 @@ def pick_device(device: str) -> tuple[torch.device, torch.dtype]:
 
 def render_previews(
     targets: Sequence[Target],
-    sampling: Sampling,
+    sampling: Sampling | Sequence[Sampling],
     out_dir: str | os.PathLike[str],
     *,
     device: str = "auto",
@@ -101,14 +103,26 @@ def render_previews(
     should_cancel: Callable[[], bool] | None = None,
     image_name: Callable[[int], str] = lambda n: f"images/{n}.png",
     vae: DecodeVae | None = None,
+    grid_rows: Sequence[str] | None = None,
+    anchor: Recipe | None = None,
 ) -> PreviewResult:
-    """Sample every (target, prompt, seed) and write the PNGs under `out_dir` (`image_name`), and
-    `out_dir/grid.png` when there is more than one image. With `vae`, every target decodes with
-    that VAE (the component is taken from its file in memory; nothing is written)."""
+    """Sample every (target, topic, prompt, seed) and write the PNGs under `out_dir`
+    (`image_name`), and `out_dir/grid.png` when there is more than one image. A topic is one
+    `Sampling` (several: the WebUI's settings of each of a model maker's test prompts).
+
+    With `vae`, every target decodes with that VAE (the component is taken from its file in
+    memory; nothing is written). With `grid_rows` (an XY sweep), the targets are a table, row
+    by row, of len(grid_rows) rows: the grid has one column per target of a row and one row per
+    (grid row, topic, prompt, seed). With `anchor`, the anchor's fp64 sums are kept in memory and
+    targets near it are derived from them (see `pipeline.Anchor`)."""
     started = time.perf_counter()
     if not targets:
         raise OptionsError("give at least one preview target")
-    sampling.validate(len(targets))
+    topics = [sampling] if isinstance(sampling, Sampling) else list(sampling)
+    check_topics(topics, len(targets))
+    columns = len(targets) // len(grid_rows) if grid_rows else len(targets)
+    if grid_rows and columns * len(grid_rows) != len(targets):
+        raise OptionsError(f"{len(targets)} targets do not make {len(grid_rows)} grid rows")
     torch_device, dtype = pick_device(device)
     out = Path(out_dir)
     plans: list[Plan] = []
@@ -117,42 +131,62 @@ def render_previews(
         for target in targets:
             plans.append(plan(target.recipe, target.resolver))
             sampled.append(plan(with_vae(target.recipe, vae.ref), target.resolver) if vae else plans[-1])
-        renderer = _Renderer(sampling, torch_device, dtype, should_cancel)
-        total = len(targets) * sampling.images_per_target()
+        if anchor is not None:
+            sampled.append(plan(anchor, targets[0].resolver))  # last: closed with the others
+        renderer = _Renderer(torch_device, dtype, should_cancel, Anchor(sampled[-1]) if anchor is not None else None)
+        per_target = sum(t.images_per_target() for t in topics)
+        total = len(targets) * per_target
         images: list[RenderedImage] = []
         pixels: list[object] = []
         hashes: list[str] = []
         # PNG encoding (zlib) runs beside the sampling: it releases the GIL and the GPU keeps busy.
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="png") as writer:
             written = []
-            for t, (target, planned, run) in enumerate(zip(targets, plans, sampled, strict=True)):
+            for t, (target, planned, run) in enumerate(zip(targets, plans, sampled[:len(targets)], strict=True)):
                 model = renderer.model_for(run, is_single_model(target.recipe) and vae is None)
                 model_hash = target.model_hash or _model_hash(target, planned)
                 hashes.append(model_hash)
                 vae_info = _vae_info(run, vae) if vae else None
-                for index, prompt_index, seed, image in renderer.images(model, t):
-                    text = format_parameters(sampling.prompts[prompt_index], sampling.negative_prompt,
-                                             infotext_parameters(sampling, seed, model_hash, target.model_name,
-                                                                 vae_info))
-                    path = out / image_name(index)
-                    written.append(writer.submit(_write, path, image, text))
-                    images.append(RenderedImage(index, path, t, prompt_index, seed, text))
-                    pixels.append(image)
-                    if progress:
-                        progress(len(images), total)
+                first = t * per_target
+                for topic, s in enumerate(topics):
+                    for index, prompt_index, seed, image in renderer.images(model, s, first):
+                        text = format_parameters(s.prompts[prompt_index], s.negative_prompt,
+                                                 infotext_parameters(s, seed, model_hash, target.model_name, vae_info))
+                        path = out / image_name(index)
+                        written.append(writer.submit(_write, path, image, text))
+                        images.append(RenderedImage(index, path, t, prompt_index, seed, text, topic))
+                        pixels.append(image)
+                        if progress:
+                            progress(len(images), total)
+                    first += s.images_per_target()
             grid = out / "grid.png" if len(images) > 1 else None
+            rows = _row_labels(topics, grid_rows)
             if grid is not None:
-                grid_text = format_parameters(sampling.prompts[0], sampling.negative_prompt, infotext_parameters(
-                    sampling, sampling.seeds[0], hashes[0], targets[0].model_name,
-                    _vae_info(sampled[0], vae) if vae else None))
-                written.append(writer.submit(_write, grid, _grid(targets, sampling, pixels), grid_text))
+                s = topics[0]
+                grid_text = format_parameters(s.prompts[0], s.negative_prompt, infotext_parameters(
+                    s, s.seeds[0], hashes[0], targets[0].model_name, _vae_info(sampled[0], vae) if vae else None))
+                cells = [[pixels[(r * columns + c) * per_target + i] for c in range(columns)]
+                         for r in range(len(grid_rows or [""])) for i in range(per_target)]
+                labels = [t.label for t in targets[:columns]]
+                written.append(writer.submit(_write, grid, make_grid(cells, labels, rows), grid_text))
             for future in written:
                 future.result()
-        return PreviewResult(images, grid, time.perf_counter() - started, [t.label for t in targets],
-                             _row_labels(sampling))
+        return PreviewResult(images, grid, time.perf_counter() - started, [t.label for t in targets[:columns]],
+                             rows, renderer.anchor.derived if renderer.anchor else 0)
     finally:
         for planned in {id(p): p for p in plans + sampled}.values():
             planned.close()
+
+
+def check_topics(topics: Sequence[Sampling], targets: int) -> None:
+    """Every topic's settings, and the preview's image count."""
+    if not topics:
+        raise OptionsError("give at least one topic (prompt and settings)")
+    for s in topics:
+        s.validate(targets)
+    total = targets * sum(s.images_per_target() for s in topics)
+    if total > MAX_IMAGES:
+        raise OptionsError(f"{total} images asked for; at most {MAX_IMAGES} per preview")
 
 
 def with_vae(recipe: Recipe, ref: str | ModelLeaf) -> Recipe:
@@ -186,22 +220,18 @@ def _write(path: Path, image, infotext: str) -> Path:
     return path
 
 
-def _grid(targets: Sequence[Target], sampling: Sampling, pixels: list) -> object:
-    per_target = sampling.images_per_target()
-    rows = [[pixels[t * per_target + r] for t in range(len(targets))] for r in range(per_target)]
-    return make_grid(rows, [t.label for t in targets], _row_labels(sampling))
-
-
-def _row_labels(sampling: Sampling) -> list[str]:
-    return [f"{prompt}  (seed {seed})" if len(sampling.seeds) > 1 else prompt
-            for prompt in sampling.prompts for seed in sampling.seeds]
+def _row_labels(topics: Sequence[Sampling], grid_rows: Sequence[str] | None) -> list[str]:
+    """One per (grid row, topic, prompt, seed): what differs between rows."""
+    seeds = len({seed for s in topics for seed in s.seeds}) > 1
+    return [" · ".join(part for part in (row, f"{prompt}  (seed {seed})" if seeds else prompt) if part)
+            for row in grid_rows or [""] for s in topics for prompt in s.prompts for seed in s.seeds]
 
 
 class _Renderer:
-    def __init__(self, sampling: Sampling, device: torch.device, dtype: torch.dtype,
-                 should_cancel: Callable[[], bool] | None):
-        self.sampling, self.device, self.dtype = sampling, device, dtype
-        self.should_cancel = should_cancel
+    def __init__(self, device: torch.device, dtype: torch.dtype, should_cancel: Callable[[], bool] | None,
+                 anchor: Anchor | None = None):
+        self.device, self.dtype = device, dtype
+        self.should_cancel, self.anchor = should_cancel, anchor
         self.tokenizer = CLIPTokenizer.load()
         self.default_schedule = Schedule.ldm(**package_config()["schedule"])
         self.schedule = self.default_schedule
@@ -217,26 +247,26 @@ class _Renderer:
         if self.model is None or self.model.architecture != architecture:
             self.model = None  # let the old modules go before the new ones are built
             self.model = _kept(architecture, self.device, self.dtype)
+        self.model.anchor = self.anchor
         self.model.load(planned, exact_copy=exact_copy, should_cancel=self.should_cancel)
         self.schedule = _schedule_of(planned) or self.default_schedule
         return self.model
 
-    def images(self, model: PreviewModel, target_index: int):
-        s = self.sampling
+    def images(self, model: PreviewModel, s: Sampling, base: int):
+        """(index, prompt index, seed, pixels) of every image of one topic, numbered from `base`."""
         jobs = [(p, seed) for p in range(len(s.prompts)) for seed in s.seeds]
-        base = target_index * len(jobs)
         for start in range(0, len(jobs), s.batch_size):
             if self.should_cancel and self.should_cancel():
                 raise MergeCancelled("preview cancelled")
             batch = jobs[start:start + s.batch_size]
-            decoded = self._sample(model, batch)
+            decoded = self._sample(model, s, batch)
             for offset, ((prompt_index, seed), image) in enumerate(zip(batch, decoded, strict=True)):
                 yield base + start + offset, prompt_index, seed, image
 
-    def _conditioning(self, model: PreviewModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _conditioning(self, model: PreviewModel, prompts: list[str],
+                      skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompts' contexts as one batch, each padded with empty-prompt chunks to the
         longest (one UNet call needs equal lengths, as in the WebUI), and the pooled vectors."""
-        skip = self.sampling.clip_skip
         conds = [model.encode(p, self.tokenizer, skip) for p in prompts]
         empty = model.encode("", self.tokenizer, skip).context[:WINDOW]
         chunks = max(c.context.shape[0] // WINDOW for c in conds)
@@ -245,9 +275,8 @@ class _Renderer:
         return (torch.stack(contexts).to(self.dtype),
                 torch.stack(pooled).to(self.dtype) if pooled[0] is not None else None)
 
-    def _sample(self, model: PreviewModel, batch: list[tuple[int, int]]) -> list:
+    def _sample(self, model: PreviewModel, s: Sampling, batch: list[tuple[int, int]]) -> list:
         """txt2img as the WebUI's StableDiffusionProcessingTxt2Img.sample, hires fix included."""
-        s = self.sampling
         seeds = [seed for _, seed in batch]
         prompts = [s.prompts[p] for p, _ in batch]
         channels = model.modules["unet"].settings["config"]["in_channels"]
@@ -256,15 +285,15 @@ class _Renderer:
         rng = ImageNoise(seeds, (channels, s.height // 8, s.width // 8), self.device)
         sigmas = self.schedule.sigmas_for(s.steps, s.sampler in KARRAS)
         x = rng() * sigmas[0]
-        x = self._run(model, prompts, s.width, s.height, x, sigmas, rng, freeu)
+        x = self._run(model, s, prompts, s.width, s.height, x, sigmas, rng, freeu)
         if s.hires is None:
             return self._decode(model, x)
-        return self._decode(model, self._hires(model, prompts, seeds, x, freeu))
+        return self._decode(model, self._hires(model, s, prompts, seeds, x, freeu))
 
-    def _hires(self, model: PreviewModel, prompts: list[str], seeds: list[int], x: torch.Tensor,
+    def _hires(self, model: PreviewModel, s: Sampling, prompts: list[str], seeds: list[int], x: torch.Tensor,
                freeu: FreeUState | None) -> torch.Tensor:
         """`sample_hr_pass`: upscale, then img2img with the second-pass steps and denoising."""
-        s, hires = self.sampling, self.sampling.hires
+        hires = s.hires
         assert hires is not None
         width, height, truncate_x, truncate_y = hires.target_size(s.width, s.height)
         if hires.upscaler in LATENT_UPSCALERS:
@@ -278,16 +307,15 @@ class _Renderer:
         noise = rng()
         total, t_enc = hires.steps(s.steps)
         sigmas = self.schedule.sigmas_for(total, s.sampler in KARRAS)[total - t_enc - 1:]
-        return self._run(model, prompts, width, height, x + noise * sigmas[0], sigmas, rng, freeu)
+        return self._run(model, s, prompts, width, height, x + noise * sigmas[0], sigmas, rng, freeu)
 
-    def _run(self, model: PreviewModel, prompts: list[str], width: int, height: int, x: torch.Tensor,
-             sigmas: torch.Tensor, rng: ImageNoise, freeu: FreeUState | None) -> torch.Tensor:
+    def _run(self, model: PreviewModel, s: Sampling, prompts: list[str], width: int, height: int,
+             x: torch.Tensor, sigmas: torch.Tensor, rng: ImageNoise, freeu: FreeUState | None) -> torch.Tensor:
         """One sampling pass from `x` (already at noise level sigmas[0])."""
-        s = self.sampling
         n = len(prompts)
         prediction = s.prediction_type or DEFAULT_PREDICTION[model.architecture]
         # The unconditional half first, then the conditional one, in one batch.
-        context, pooled = self._conditioning(model, [s.negative_prompt] * n + prompts)
+        context, pooled = self._conditioning(model, [s.negative_prompt] * n + prompts, s.clip_skip)
         added = None
         if pooled is not None:  # SDXL's size conditioning: the size this pass samples at
             time_ids = torch.tensor([[height, width, 0, 0, height, width]] * (2 * n), dtype=self.dtype,
