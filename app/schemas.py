@@ -126,6 +126,7 @@ class PreviewImageOut(BaseModel):
     index: int
     url: str
     target_index: int
+    topic_index: int = 0
     prompt_index: int
     seed: int
     infotext: str = Field(description="A1111 generation parameters, also in the PNG's `parameters` text chunk")
@@ -134,7 +135,10 @@ class PreviewImageOut(BaseModel):
 class PreviewOut(LeasedOut):
     targets: list[dict[str, Any]] = Field(description="label (the grid's column header), model_name, source "
                                                       "and the canonical recipe of each target")
-    sampling: dict[str, Any]
+    sampling: dict[str, Any] = Field(description="the first topic's sampling")
+    topics: list[dict[str, Any]] = Field(description="each topic's sampling (one: the request's own)")
+    grid_rows: list[str] | None = Field(default=None, description="an XY sweep's row headers (targets are its "
+                                                                  "table, row by row)")
     grid: str | None = Field(description="once succeeded, the grid's URL (null for a single image)")
-    images: list[PreviewImageOut] = Field(description="once succeeded; in order target, prompt, seed")
+    images: list[PreviewImageOut] = Field(description="once succeeded; in order target, topic, prompt, seed")
     seconds: float | None = None

@@ -43,27 +43,31 @@ def _render(runtime: Runtime, preview_id: int, heartbeat: Heartbeat) -> Outcome:
     resolve = registry_resolver(runtime)
     targets = [Target(t["label"], parse_recipe(t["recipe"]), resolve, t["model_name"], t["model_hash"])
                for t in request["targets"]]
-    sampling = Sampling(**request["sampling"])
+    topics = [Sampling(**t) for t in request.get("topics") or [request["sampling"]]]
+    anchor = parse_recipe(request["anchor"]) if request.get("anchor") else None
     vae = request.get("vae")
     decode = DecodeVae(ModelLeaf(sha256=vae["sha256"], name=vae["name"]), vae["name"]) if vae else None
     staging = staging_dir(settings, Preview.kind, preview_id, heartbeat.owner)
     out = staging / "out"
     try:
         with rehash_if_changed(runtime.sessions):
-            result = render_previews(targets, sampling, out, device=settings.preview_device,
+            result = render_previews(targets, topics, out, device=settings.preview_device,
                                      progress=lambda done, total: heartbeat.record((done, total)),
-                                     should_cancel=heartbeat.should_stop, vae=decode)
+                                     should_cancel=heartbeat.should_stop, vae=decode,
+                                     grid_rows=request.get("grid_rows"), anchor=anchor)
         heartbeat.check()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     summary = {
         "images": [{"index": image.index, "file": image.path.relative_to(out).as_posix(),
-                    "target_index": image.target_index, "prompt_index": image.prompt_index, "seed": image.seed,
+                    "target_index": image.target_index, "topic_index": image.topic_index,
+                    "prompt_index": image.prompt_index, "seed": image.seed,
                     "infotext": image.infotext} for image in result.images],
         "grid": result.grid is not None,
         "grid_file": result.grid.relative_to(out).as_posix() if result.grid is not None else None,
         "seconds": round(result.seconds, 3),
+        "derived": result.derived,
     }
 
     def publish() -> None:

@@ -20,8 +20,8 @@ PNG = {200: {"content": {"image/png": {}}, "description": "a PNG image with A111
 
 
 @router.post("", response_model=PreviewOut, status_code=202, responses=errors(409))
-async def submit_preview(body: PreviewRequest, db: DbDep):
-    return previews.view(await db.run_heavy(previews.submit, body))
+async def submit_preview(body: PreviewRequest, db: DbDep, settings: SettingsDep):
+    return previews.view(await db.run_heavy(previews.submit, settings, body))
 
 
 @router.get("", response_model=Page[PreviewOut], responses=errors(400))

@@ -7,6 +7,7 @@ and the job stores the canonical recipe (every leaf named by sha256) that the wo
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,15 @@ from sqlalchemy.orm import Session
 
 from app.dispatch import enqueue
 from app.errors import NotFound
-from app.models import Artifact, Job, utcnow
+from app.models import Artifact, Job, Model, utcnow
 from app.queue import MERGE_TASK
 from app.schemas import ArtifactOut, JobOut
 from app.services import leased, registry
+from app.services.files import artifact_path
+from app.settings import Settings
 from merge_engine.a1111 import apply_resolution, convert_a1111, is_a1111_metadata
 from merge_engine.errors import RecipeError, ResolveError
+from merge_engine.hashing import LEGACY_LENGTH, LEGACY_OFFSET
 from merge_engine.plan import ResolvedModel, plan
 from merge_engine.recipe import Leaf, ModelLeaf, Recipe, all_leaves, parse_recipe
 
@@ -46,12 +50,16 @@ def recipe_from_body(body: Any) -> Recipe:
 
 class RegistryResolver:
     """Resolves every leaf of a recipe against the registry up front, so one 422 lists all the
-    leaves that cannot be found rather than only the first."""
+    leaves that cannot be found rather than only the first. With `settings`, a leaf may also be a
+    stored merge output (an artifact, by sha256): a preview of a finished merge's variants."""
 
-    def __init__(self, session: Session, recipe: Recipe):
+    def __init__(self, session: Session, recipe: Recipe, settings: Settings | None = None):
         self.resolved: dict[Leaf, ResolvedModel] = {}
         unresolved = []
         for leaf in all_leaves(recipe):
+            if settings is not None and (stored := _artifact(session, settings, leaf)) is not None:
+                self.resolved[leaf] = stored
+                continue
             try:
                 model = self._model(session, leaf)
             except ResolveError as exc:
@@ -77,14 +85,32 @@ class RegistryResolver:
         return self.resolved[leaf]
 
 
+def _artifact(session: Session, settings: Settings, leaf: Leaf) -> ResolvedModel | None:
+    """A stored merge output with the leaf's sha256, unless a registered model has it. Artifacts
+    are content-addressed and written once, so their sha256 is known; the legacy hash is 64 KiB."""
+    if not isinstance(leaf, ModelLeaf) or leaf.sha256 is None:
+        return None
+    if session.scalar(select(Model.id).where(Model.sha256 == leaf.sha256, Model.status == "ready").limit(1)):
+        return None
+    artifact = session.scalar(select(Artifact).where(Artifact.sha256 == leaf.sha256))
+    path = artifact_path(settings, leaf.sha256) if artifact is not None else None
+    if path is None or not path.is_file():
+        return None
+    with path.open("rb") as f:
+        f.seek(LEGACY_OFFSET)
+        legacy = hashlib.sha256(f.read(LEGACY_LENGTH)).hexdigest()[:8]
+    return ResolvedModel(path, artifact.filename, artifact.sha256, legacy, artifact.size)
+
+
 def _label(leaf: Leaf) -> str:
     return leaf.label() if isinstance(leaf, ModelLeaf) else leaf
 
 
-def plan_body(session: Session, body: Any):
-    """The engine's plan for a request body; the caller closes it."""
+def plan_body(session: Session, body: Any, settings: Settings | None = None):
+    """The engine's plan for a request body (with `settings`, its leaves may be merge outputs);
+    the caller closes it."""
     recipe = recipe_from_body(body)
-    return plan(recipe, RegistryResolver(session, recipe))
+    return plan(recipe, RegistryResolver(session, recipe, settings))
 
 
 def dry_run(session: Session, body: Any) -> dict[str, Any]:

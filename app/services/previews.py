@@ -8,11 +8,12 @@ like a merge). The sampling parameters are checked by the engine's own torch-fre
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.dispatch import enqueue
@@ -24,22 +25,20 @@ from app.services.files import result_dir
 from app.settings import Settings
 from merge_engine.errors import ResolveError
 from merge_engine.preview.a1111_settings import from_infotext, from_txt2img_payload
-from merge_engine.preview.params import PREDICTION_TYPES, SAMPLERS, Sampling
+from merge_engine.preview.params import PREDICTION_TYPES, SAMPLERS, Sampling, check_topics
+from merge_engine.preview.sweeps import Source, expand, parse_sweep
+from merge_engine.recipe import parse_recipe
 
 Ref = str | int
 DEFAULTS = {f.name: f.default for f in fields(Sampling) if f.name != "extra"}
 SAMPLING_FIELDS = tuple(DEFAULTS) + ("prompts",)
 
 
-class PreviewRequest(BaseModel):
+class PreviewSettings(BaseModel):
+    """Sampling settings: fields, or an A1111 txt2img body or infotext with fields over it."""
+
     model_config = ConfigDict(extra="forbid")
 
-    targets: list[Ref | dict[str, Any]] = Field(
-        default=[], description="each a model reference (registry id, name or `sha256:<hex>`), "
-                                "`{\"merge\": JOB_ID}` (a succeeded merge's output) or `{\"recipe\": {...}}`")
-    base: Ref | None = Field(default=None, description="text-encoder sweep: the model to take everything else from")
-    swap_text_encoder_from: list[Ref] = Field(
-        default=[], description="text-encoder sweep: one target per model, `base` with this model's text_encoder")
     prompts: list[str] = Field(default=[], description="one row of images per prompt and seed (required unless "
                                                        "`a1111` or `infotext` gives the prompt)")
     negative_prompt: str = DEFAULTS["negative_prompt"]
@@ -51,6 +50,7 @@ class PreviewRequest(BaseModel):
     height: int = Field(default=DEFAULTS["height"], description="a multiple of 8")
     prediction_type: str | None = Field(
         default=None, description=f"{' | '.join(PREDICTION_TYPES)}; default: the architecture's")
+    batch_size: int = DEFAULTS["batch_size"]
     clip_skip: int = Field(default=1, description="the WebUI's CLIP_stop_at_last_layers")
     hires: dict[str, Any] | None = Field(
         default=None, description="hires fix: upscaler (Latent, Latent (antialiased), Latent (bicubic), "
@@ -64,53 +64,101 @@ class PreviewRequest(BaseModel):
         default=None, description="sd-dynamic-thresholding: mimic_scale, threshold_percentile, mimic_mode, "
                                   "mimic_scale_min, cfg_mode, cfg_scale_min, sched_val, separate_feature_channels, "
                                   "scaling_startpoint (MEAN, ZERO), variability_measure (AD, STD), interpolate_phi")
-    vae: Ref | None = Field(default=None, description="decode every image with this model's VAE (the WebUI's sd_vae)")
     a1111: dict[str, Any] | None = Field(
         default=None, description="an A1111 txt2img API body (what /sdapi/v1/txt2img takes): its settings, prompt "
                                   "and seeds; fields given beside it here override it")
     infotext: str | None = Field(default=None, description="a pasted A1111 infotext; as `a1111`")
 
-    def sampling(self) -> tuple[Sampling, str | None]:
-        """The sampling, and the VAE file name an imported payload or infotext asks for."""
+    def imported(self) -> tuple[dict[str, Any], str | None]:
+        """The settings its payload or infotext gives (as Sampling fields), and the VAE it names."""
         if self.a1111 is not None and self.infotext is not None:
             raise InvalidPreview("give a1111 or infotext, not both")
-        base, vae = (from_txt2img_payload(self.a1111) if self.a1111 is not None
-                     else from_infotext(self.infotext) if self.infotext is not None else (None, None))
-        given = self.model_fields_set if base is not None else set(type(self).model_fields)
-        values = base.to_dict() if base is not None else {}
-        for name in SAMPLING_FIELDS:
-            if name in given and name in type(self).model_fields:
-                values[name] = getattr(self, name)
-        try:
-            return Sampling(**values), vae
-        except TypeError as exc:
-            raise InvalidPreview(f"bad preview settings: {exc}") from None
+        if self.a1111 is None and self.infotext is None:
+            return {}, None
+        base, vae = from_txt2img_payload(self.a1111) if self.a1111 is not None else from_infotext(self.infotext)
+        return base.to_dict(), vae
+
+    def given(self) -> dict[str, Any]:
+        """The sampling fields set explicitly."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS if name in self.model_fields_set}
 
 
-def submit(session: Session, request: PreviewRequest) -> Preview:
-    sampling, vae_name = request.sampling()
-    targets = _targets(session, request)
-    sampling.validate(targets=len(targets))
+class Topic(PreviewSettings):
+    name: str | None = Field(default=None, max_length=200, description="how the topic is called (e.g. its file)")
+
+
+class PreviewRequest(PreviewSettings):
+    targets: list[Ref | dict[str, Any]] = Field(
+        default=[], description="each a model reference (registry id, name or `sha256:<hex>`), "
+                                "`{\"merge\": JOB_ID}` (a succeeded merge's output) or `{\"recipe\": {...}}`")
+    base: Ref | None = Field(default=None, description="text-encoder sweep: the model to take everything else from")
+    swap_text_encoder_from: list[Ref] = Field(
+        default=[], description="text-encoder sweep: one target per model, `base` with this model's text_encoder")
+    sweep: dict[str, Any] | None = Field(
+        default=None, description="a sweep instead of targets: {base, kind: text_encoder | unet | vae | "
+                                  "leave_one_out | weight, candidates | at | path and values} or {base, x: {...}, "
+                                  "y: {...}}; base and candidates are model references, {\"merge\": JOB_ID} or "
+                                  "{\"recipe\": {...}}")
+    topics: list[Topic] = Field(
+        default=[], max_length=64, description="several prompt sets or A1111 payloads, each its own rows; the "
+                                               "fields given beside them apply to all but what a topic sets")
+    vae: Ref | None = Field(default=None, description="decode every image with this model's VAE (the WebUI's sd_vae)")
+
+    def samplings(self) -> tuple[list[Sampling], str | None]:
+        """One Sampling per topic (the request itself when it has none): its payload, then the
+        fields given on the request, then the topic's own fields; and the VAE the payloads name."""
+        if self.topics and "prompts" in self.model_fields_set:
+            raise InvalidPreview("give prompts in each topic, or no topics")
+        topics = self.topics or [self]
+        out, vaes = [], set()
+        for i, topic in enumerate(topics):
+            values, vae = topic.imported()
+            if topic is not self:
+                values.update(self.given())  # the shared fields (prompts are the topics' own)
+            values.update(topic.given())
+            try:
+                out.append(Sampling(**{"prompts": (), **values}))
+            except TypeError as exc:
+                raise InvalidPreview(f"bad preview settings{f' in topics[{i}]' if self.topics else ''}: {exc}") from None
+            vaes.add(vae)
+        named = sorted(v for v in vaes if v is not None)
+        if len(named) > 1 or (named and None in vaes and self.vae is None):
+            raise InvalidPreview(f"the topics ask for different VAEs ({', '.join(named)} or none); give vae")
+        return out, named[0] if named else None
+
+
+def submit(session: Session, settings: Settings, request: PreviewRequest) -> Preview:
+    topics, vae_name = request.samplings()
+    targets, rows, anchor = _targets(session, settings, request)
+    check_topics(topics, len(targets))
     vae = _decode_vae(session, request.vae if request.vae is not None else vae_name)
-    total = len(targets) * sampling.images_per_target()
-    data = {k: v for k, v in asdict(sampling).items() if k != "extra"}
+    total = len(targets) * sum(t.images_per_target() for t in topics)
+    data = [t.to_dict() for t in topics]
+    names = [t.name for t in request.topics] if request.topics else [None]
     preview = Preview(status="queued", progress={"images_done": 0, "images_total": total}, cancel_requested=False,
-                      attempts=0, dispatched_at=utcnow(), request={"targets": targets, "sampling": data, "vae": vae})
+                      attempts=0, dispatched_at=utcnow(),
+                      request={"targets": targets, "sampling": data[0], "topics": data, "topic_names": names,
+                               "vae": vae, "grid_rows": rows, "anchor": anchor})
     session.add(preview)
     session.flush()
     enqueue(session, PREVIEW_TASK, preview.id)
     return preview
 
 
-def _targets(session: Session, request: PreviewRequest) -> list[dict[str, Any]]:
+def _targets(session: Session, settings: Settings, request: PreviewRequest) -> tuple[list[dict[str, Any]], list[str] | None, Any]:
     """Each target as {label, recipe (canonical), model_name, model_hash, source}, in order:
-    `targets` first, then the text-encoder sweep."""
+    `targets` first, then the text-encoder sweep; or a sweep's variants (with its grid rows and
+    anchor recipe)."""
+    if request.sweep is not None:
+        if request.targets or request.base is not None or request.swap_text_encoder_from:
+            raise InvalidPreview("give targets (or base and swap_text_encoder_from) or a sweep, not both")
+        return sweep_targets(session, settings, request.sweep)
     if request.base is None and request.swap_text_encoder_from:
         raise InvalidPreview("swap_text_encoder_from needs a base model to swap into")
     if request.base is not None and not request.swap_text_encoder_from:
         raise InvalidPreview("base is for a text-encoder sweep: give swap_text_encoder_from too")
     if not request.targets and request.base is None:
-        raise InvalidPreview("give at least one target, or a base and swap_text_encoder_from")
+        raise InvalidPreview("give at least one target, a sweep, or a base and swap_text_encoder_from")
     refs = [str(t) for t in request.targets if not isinstance(t, dict)]
     sweep = [str(request.base), *map(str, request.swap_text_encoder_from)] if request.base is not None else []
     models = dict(zip(refs + sweep, registry.find_ready(session, refs + sweep), strict=True))
@@ -135,7 +183,66 @@ def _targets(session: Session, request: PreviewRequest) -> list[dict[str, Any]]:
                                     {"base": base.id, "text_encoder": candidate.id})
             target["model_name"] = f"{base.name} + TE {candidate.name}"
             out.append(target)
-    return out
+    return out, None, None
+
+
+def sweep_targets(session: Session, settings: Settings, body: Any) -> tuple[list[dict[str, Any]], list[str] | None, Any]:
+    """A sweep's variants as targets, its grid rows (an XY table) and its anchor recipe."""
+    sweep = parse_sweep(body)
+    base = source(session, settings, sweep.base, "sweep.base", as_recipe=sweep.derived)
+    planned = merges.plan_body(session, base.recipe.model_dump(mode="json"), settings)
+    planned.close()
+
+    def candidates(axis) -> list[Source]:
+        return [source(session, settings, ref, f"sweep candidate {i}", as_recipe=False)
+                for i, ref in enumerate(axis.candidates)]
+
+    def registered(leaf: Any) -> str | None:
+        sha = leaf.get("sha256") if isinstance(leaf, dict) else None
+        model = session.scalars(select(Model).where(Model.sha256 == sha).limit(1)).first() if sha else None
+        return model.name if model is not None else None
+
+    expanded = expand(sweep, base, candidates, planned.architecture or "", registered)
+    out = []
+    for cell in expanded.cells:
+        target = _recipe_target(session, cell.recipe.model_dump(mode="json"), cell.label, {"sweep": cell.source},
+                                settings)
+        target["label"], target["model_name"] = cell.label, cell.model_name
+        out.append(target)
+    anchor = expanded.anchor
+    if anchor is not None:
+        anchored = merges.plan_body(session, anchor.model_dump(mode="json"), settings)
+        anchored.close()
+        anchor = anchored.canonical_recipe.model_dump(mode="json")
+    return out, expanded.rows, anchor
+
+
+def source(session: Session, settings: Settings, ref: Any, where: str, *, as_recipe: bool) -> Source:
+    """A sweep's base or candidate as a labelled recipe whose leaves are registered models: a
+    model reference, {"merge": JOB_ID} (its output file; with `as_recipe`, its recipe, so that a
+    leave-one-out can take it apart) or {"recipe": {...}}."""
+    if isinstance(ref, dict) and set(ref) == {"merge"}:
+        job_id = ref["merge"]
+        if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id <= MAX_ROW_ID:
+            raise InvalidPreview(f"{where}: merge must be a merge job id (a positive integer)")
+        job = session.get(Job, job_id)
+        if job is None:
+            raise InvalidPreview(f"{where}: no merge job #{job_id}")
+        label = job.name or f"merge #{job_id}"
+        if as_recipe:
+            return Source(label, parse_recipe(job.recipe))
+        if job.status != "succeeded" or job.artifact is None:
+            raise Conflict(f"merge #{job_id} has no output to sweep with ({job.status})",
+                           details={"merge": job_id, "status": job.status})
+        return Source(label, parse_recipe({"merge": _leaf(job.artifact.sha256, job.artifact.filename)}))
+    if isinstance(ref, dict) and set(ref) == {"recipe"}:
+        planned = merges.plan_body(session, ref["recipe"], settings)
+        planned.close()
+        return Source(planned.recipe.name or where, planned.canonical_recipe)
+    if isinstance(ref, bool) or not isinstance(ref, str | int):
+        raise InvalidPreview(f"{where} must be a model reference, {{\"merge\": JOB_ID}} or {{\"recipe\": {{...}}}}")
+    (model,) = registry.find_ready(session, [str(ref)])
+    return Source(model.name, parse_recipe({"merge": _leaf(model.sha256, model.name)}))
 
 
 def _decode_vae(session: Session, ref: Ref | None) -> dict[str, Any] | None:
@@ -179,8 +286,9 @@ def _merge_target(session: Session, job_id: Any, position: int) -> dict[str, Any
             "model_name": label, "model_hash": None, "source": {"merge": job_id}}
 
 
-def _recipe_target(session: Session, body: Any, fallback: str, source: dict[str, Any]) -> dict[str, Any]:
-    planned = merges.plan_body(session, body)
+def _recipe_target(session: Session, body: Any, fallback: str, source: dict[str, Any],
+                   settings: Settings | None = None) -> dict[str, Any]:
+    planned = merges.plan_body(session, body, settings)
     planned.close()
     label = planned.recipe.name or fallback
     return {"label": label, "recipe": planned.canonical_recipe.model_dump(mode="json"),
@@ -211,11 +319,14 @@ def view(row: Preview) -> dict[str, Any]:
         "finished_at")}
     out["targets"] = [{k: t[k] for k in ("label", "model_name", "source", "recipe")} for t in row.request["targets"]]
     out["sampling"] = row.request["sampling"]
+    out["topics"] = row.request.get("topics") or [row.request["sampling"]]
+    out["grid_rows"] = row.request.get("grid_rows")
     out["grid"], out["images"] = None, []
     if row.status == "succeeded" and row.result:
         base = f"/previews/{row.id}"
         out["grid"] = f"{base}/grid.png" if row.result["grid"] else None
         out["images"] = [{"url": f"{base}/images/{image['index']}.png",
+                          "topic_index": image.get("topic_index", 0),
                           **{k: image[k] for k in ("index", "target_index", "prompt_index", "seed", "infotext")}}
                          for image in row.result["images"]]
         out["seconds"] = row.result.get("seconds")

@@ -198,7 +198,8 @@ def _flags_over(args: argparse.Namespace, base: Sampling | None, width: int | No
 
 def run(args: argparse.Namespace) -> int:
     from merge_engine.plan import plan
-    from merge_engine.preview.render import DecodeVae, Target, check_topics, render_previews
+    from merge_engine.preview.params import check_topics
+    from merge_engine.preview.render import DecodeVae, Target, render_previews
     from merge_engine.recipe import Recipe
     from merge_engine.resolve import FileResolver
 

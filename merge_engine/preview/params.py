@@ -8,6 +8,7 @@ so an A1111 payload or infotext maps onto them one to one (a1111_settings.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -238,3 +239,14 @@ class Sampling:
 
     def images_per_target(self) -> int:
         return len(self.prompts) * len(self.seeds)
+
+
+def check_topics(topics: Sequence[Sampling], targets: int) -> None:
+    """Every topic's settings, and the preview's image count."""
+    if not topics:
+        raise OptionsError("give at least one topic (prompt and settings)")
+    for s in topics:
+        s.validate(targets)
+    total = targets * sum(s.images_per_target() for s in topics)
+    if total > MAX_IMAGES:
+        raise OptionsError(f"{total} images asked for; at most {MAX_IMAGES} per preview")

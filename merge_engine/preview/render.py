@@ -30,7 +30,7 @@ from merge_engine.preview.effects import (
 from merge_engine.preview.grid import make_grid
 from merge_engine.preview.infotext import format_parameters, write_png
 from merge_engine.preview.models import architecture_config, package_config
-from merge_engine.preview.params import DEFAULT_PREDICTION, LATENT_UPSCALERS, MAX_IMAGES, Sampling
+from merge_engine.preview.params import DEFAULT_PREDICTION, LATENT_UPSCALERS, Sampling, check_topics
 from merge_engine.preview.pipeline import Anchor, PreviewModel
 from merge_engine.preview.sampling import KARRAS, ImageNoise, Schedule, c_in, denoised_from, sample
 from merge_engine.preview.tokenizer import CHUNK_LENGTH, CLIPTokenizer
@@ -176,17 +176,6 @@ def render_previews(
     finally:
         for planned in {id(p): p for p in plans + sampled}.values():
             planned.close()
-
-
-def check_topics(topics: Sequence[Sampling], targets: int) -> None:
-    """Every topic's settings, and the preview's image count."""
-    if not topics:
-        raise OptionsError("give at least one topic (prompt and settings)")
-    for s in topics:
-        s.validate(targets)
-    total = targets * sum(s.images_per_target() for s in topics)
-    if total > MAX_IMAGES:
-        raise OptionsError(f"{total} images asked for; at most {MAX_IMAGES} per preview")
 
 
 def with_vae(recipe: Recipe, ref: str | ModelLeaf) -> Recipe:

@@ -144,13 +144,15 @@ class Expanded:
 Change = tuple[str, Callable[[dict[str, Any]], dict[str, Any]], Any]  # (label, edit of recipe data, what)
 
 
-def expand(sweep: Sweep, base: Source, candidates: Callable[[Axis], Sequence[Source]], architecture: str) -> Expanded:
+def expand(sweep: Sweep, base: Source, candidates: Callable[[Axis], Sequence[Source]], architecture: str,
+           leaf_label: Callable[[Any], str | None] = lambda leaf: None) -> Expanded:
     """Every variant's recipe, in grid order. `candidates(axis)` resolves a swap axis' candidates;
-    `architecture` is the base's (SDXL's text_encoder axis swaps both text encoders)."""
+    `architecture` is the base's (SDXL's text_encoder axis swaps both text encoders);
+    `leaf_label` may name a leaf of the base (a registry's name for a sha256) for the headers."""
     data = base.recipe.model_dump(mode="json", exclude_defaults=False)
     if sweep.derived:
         data["output"] = {**data.get("output", {}), "accumulate": "fp64"}
-    axes = [_changes(axis, data, candidates, architecture) for axis in sweep.axes]
+    axes = [_changes(axis, data, candidates, architecture, leaf_label) for axis in sweep.axes]
     xs, ys = axes[0], axes[1] if len(axes) > 1 else [None]
     cells = []
     for y in ys:
@@ -174,14 +176,14 @@ def expand(sweep: Sweep, base: Source, candidates: Callable[[Axis], Sequence[Sou
 
 
 def _changes(axis: Axis, base: dict[str, Any], candidates: Callable[[Axis], Sequence[Source]],
-             architecture: str) -> list[Change]:
+             architecture: str, leaf_label: Callable[[Any], str | None]) -> list[Change]:
     if axis.kind in SWAPS:
         components = [axis.kind]
         if axis.kind == "text_encoder" and architecture == "sdxl":
             components.append("text_encoder_2")
         return [_swap(components, candidate, SWAPS[axis.kind]) for candidate in candidates(axis)]
     if axis.kind == "leave_one_out":
-        return _leave_one_out(axis.at, base)
+        return _leave_one_out(axis.at, base, leaf_label)
     assert axis.path is not None
     _number_at(base, axis.path)  # a clear error now, before any variant
     return [(f"{axis.path} = {value:g}", _setter(axis.path, value), {"path": axis.path, "value": value})
@@ -203,7 +205,7 @@ def component_source(recipe: Recipe, component: str) -> Any:
     return data["components"].get(component, data["merge"])
 
 
-def _leave_one_out(at: str, base: dict[str, Any]) -> list[Change]:
+def _leave_one_out(at: str, base: dict[str, Any], leaf_label: Callable[[Any], str | None]) -> list[Change]:
     node = _get(base, at)
     if not isinstance(node, dict) or node.get("method") not in ("uniform", "weighted"):
         raise OptionsError(f"leave_one_out needs a uniform or weighted merge at {at!r} of the base; "
@@ -214,7 +216,7 @@ def _leave_one_out(at: str, base: dict[str, Any]) -> list[Change]:
     changes: list[Change] = [(f"all {len(models)}", lambda data: data, {"all": len(models)})]
     seen: dict[str, int] = {}
     for j, item in enumerate(models):
-        name = _leaf_label(item, f"{at}.models.{j}")
+        name = _leaf_label(item, f"{at}.models.{j}", leaf_label)
         seen[name] = seen.get(name, 0) + 1
         label = name if seen[name] == 1 else f"{name} #{seen[name]}"
 
@@ -226,9 +228,11 @@ def _leave_one_out(at: str, base: dict[str, Any]) -> list[Change]:
     return changes
 
 
-def _leaf_label(item: Any, fallback: str) -> str:
+def _leaf_label(item: Any, fallback: str, named: Callable[[Any], str | None]) -> str:
     if isinstance(item, dict) and "model" in item and "method" not in item:
         item = item["model"]
+    if (isinstance(item, str) or (isinstance(item, dict) and "method" not in item)) and (name := named(item)):
+        return name
     if isinstance(item, str):
         return Path(item).stem if item.endswith((".safetensors", ".ckpt")) else item
     if isinstance(item, dict) and "method" not in item:

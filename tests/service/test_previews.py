@@ -178,3 +178,75 @@ def test_webui_settings_an_a1111_payload_and_a_decode_vae(client, run_tasks, sd2
     pasted = client.post("/previews", json={"targets": ["a"], "infotext": text})
     assert pasted.status_code == 202, pasted.text
     assert pasted.json()["sampling"]["dynamic_thresholding"]["interpolate_phi"] == 0.3
+
+
+def test_sweeps_over_a_finished_merge_with_topics(client, run_tasks, runtime, sd2_models, settings):
+    """A leave-one-out of a merge job's own recipe and an XY table, with two topics: the cells are
+    the recipes that were asked for, the grid has one column per x, and a cell's pixels are those
+    the engine renders for the same recipe."""
+    a, b, c = sd2_models
+    merge = client.post("/merges", json={"name": "soup", "merge": {"method": "uniform", "models": ["a", "b", "c"]}}).json()
+    topics = [{"name": "cube", "prompts": ["a red cube"]},
+              {"name": "ball", "infotext": "a blue ball\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 8, Size: 64x64"}]
+    body = {"steps": 3, "width": 64, "height": 64, "topics": topics,
+            "sweep": {"kind": "leave_one_out", "base": {"merge": merge["id"]}}}
+    response = client.post("/previews", json=body)  # the merge has not run: its recipe is enough
+    assert response.status_code == 202, response.text
+    queued = response.json()
+    assert [t["label"] for t in queued["targets"]] == ["all 3", "without a", "without b", "without c"]
+    assert all(t["recipe"]["output"]["accumulate"] == "fp64" for t in queued["targets"])
+    assert [m["sha256"] for m in queued["targets"][2]["recipe"]["merge"]["models"]] == [a["sha256"], c["sha256"]]
+    assert queued["targets"][1]["source"] == {"sweep": {"x": {"without": "a", "index": 0}}}
+    # the fields beside the topics apply to them all, but what a topic's own infotext sets wins over
+    # nothing: steps 3 is given beside, so the infotext's steps 2 gives way
+    assert [t["steps"] for t in queued["topics"]] == [3, 3] and queued["topics"][1]["seeds"] == [8]
+    assert queued["progress"]["images_total"] == 8
+    run_tasks()
+    done = client.get(f"/previews/{queued['id']}").json()
+    assert done["status"] == "succeeded", done
+    assert [(i["target_index"], i["topic_index"]) for i in done["images"][:4]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    from merge_engine.preview.render import Sampling, Target, render_previews
+    from merge_engine.recipe import parse_recipe
+    from worker.jobs import registry_resolver
+
+    cell = queued["targets"][3]
+    direct = render_previews([Target(cell["label"], parse_recipe(cell["recipe"]), registry_resolver(runtime),
+                                     cell["model_name"])],
+                             Sampling(prompts=("a blue ball",), seeds=(8,), steps=3, cfg_scale=5, width=64, height=64),
+                             settings.data_dir / "direct", device="cpu")
+    assert direct.images[0].path.read_bytes() == client.get(done["images"][7]["url"]).content
+
+    xy = client.post("/previews", json={**TINY, "sweep": {
+        "base": {"recipe": {"merge": {"method": "uniform", "models": ["a", "b", "c"]}}},
+        "x": {"kind": "text_encoder", "candidates": ["a", {"merge": merge["id"]}]},
+        "y": {"kind": "weight", "path": "merge.models.0.weight", "values": [0.5, 2]}}})
+    assert xy.status_code == 422 and "uniform merge" in xy.json()["error"]["message"]
+    xy = client.post("/previews", json={**TINY, "sweep": {
+        "base": {"recipe": {"merge": {"method": "weighted", "models": ["a", "b", "c"]}}},
+        "x": {"kind": "text_encoder", "candidates": ["a", {"merge": merge["id"]}]},
+        "y": {"kind": "weight", "path": "merge.models.0.weight", "values": [0.5, 2]}}})
+    assert xy.status_code == 202, xy.text
+    table = xy.json()
+    assert table["grid_rows"] == ["merge.models.0.weight = 0.5", "merge.models.0.weight = 2"]
+    assert [t["label"] for t in table["targets"]] == ["TE: a", "TE: soup"] * 2
+    assert table["targets"][3]["recipe"]["merge"]["models"][0]["weight"] == 2
+    run_tasks()
+    assert client.get(f"/previews/{table['id']}").json()["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(("sweep", "needle"), [
+    ({"kind": "leave_one_out", "base": "a"}, "uniform or weighted merge"),
+    ({"kind": "unet", "base": "a", "candidates": ["nope"]}, "nope"),
+    ({"kind": "unet", "base": {"merge": 999}, "candidates": ["a"]}, "no merge job #999"),
+    ({"kind": "vae", "base": ["a"], "candidates": ["b"]}, "sweep.base must be"),
+    ({"kind": "zoom", "base": "a"}, "x.kind"),
+])
+def test_bad_sweeps_are_clear_and_leave_nothing(client, sd2_models, settings, sweep, needle):
+    response = client.post("/previews", json={**TINY, "sweep": sweep})
+    assert response.status_code == 422, response.text
+    assert needle in response.json()["error"]["message"]
+    assert client.get("/previews").json()["items"] == [] and data_files(settings) == []
+    both = client.post("/previews", json={**TINY, "targets": ["a"], "sweep": {"kind": "vae", "base": "a",
+                                                                              "candidates": ["b"]}})
+    assert both.status_code == 422 and "not both" in both.json()["error"]["message"]
