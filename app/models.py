@@ -10,7 +10,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 MODEL_STATUSES = ("hashing", "ready", "failed")
@@ -149,3 +159,38 @@ class Preview(Leased, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     request: Mapped[dict[str, Any]]
     result: Mapped[dict[str, Any] | None]
+
+
+class Study(Base):
+    """A selection study: candidates, topics and settings, and its rounds (`StudyRound`). `request`
+    holds the candidates (id, name, sha256), the VAE baked into every round, and the preview
+    settings and topics every round samples with."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    architecture: Mapped[str | None] = mapped_column(String(32))
+    request: Mapped[dict[str, Any]]
+    merge_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class StudyRound(Base):
+    """One round of a study: its kind, the preview that samples it, the candidate of each grid
+    column and, once the user has looked, the picks (candidate indexes)."""
+
+    __tablename__ = "study_rounds"
+    __table_args__ = (UniqueConstraint("study_id", "number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    preview_id: Mapped[int | None] = mapped_column(ForeignKey("previews.id", ondelete="SET NULL"))
+    columns: Mapped[dict[str, Any]]  # {"candidates": [index or null per grid column], "labels": [...]}
+    base: Mapped[dict[str, Any] | None]  # the recipe the round varies
+    picks: Mapped[dict[str, Any] | None]  # {"candidates": [index, ...]}
+    picked_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -142,3 +142,50 @@ class PreviewOut(LeasedOut):
     grid: str | None = Field(description="once succeeded, the grid's URL (null for a single image)")
     images: list[PreviewImageOut] = Field(description="once succeeded; in order target, topic, prompt, seed")
     seconds: float | None = None
+
+
+class StudyColumnOut(BaseModel):
+    label: str = Field(description="the grid column's header")
+    candidate: str | None = Field(description="the candidate the column shows (null: not one candidate, e.g. all N)")
+
+
+class StudyRoundOut(_Out):
+    study: int
+    number: int
+    kind: str = Field(description="raw | text_encoder | unet | leave_one_out | final")
+    preview: int | None = Field(description="the preview that samples the round (GET /previews/{id})")
+    status: str = Field(description="the preview's status (deleted if it was removed)")
+    grid: str | None = Field(description="once succeeded, the grid's URL: one column per candidate")
+    columns: list[StudyColumnOut]
+    base: dict[str, Any] | None = Field(description="the recipe the round varies")
+    picks: list[str] | None = Field(description="the candidates picked (leave_one_out: those left out)")
+    picked_at: datetime | None
+    created_at: datetime
+
+
+class StudyOut(_Out):
+    id: int
+    name: str | None
+    architecture: str | None
+    candidates: list[dict[str, Any]] = Field(description="{id, name, sha256} of each candidate")
+    vae: dict[str, Any] | None = Field(description="the model whose VAE is baked in, if any")
+    settings: dict[str, Any] = Field(description="the preview settings and topics every round samples with")
+    rounds: list[StudyRoundOut]
+    selection: dict[str, list[str]] = Field(description="kept, text_encoders, unets and left_out, from the picks")
+    final_recipe: dict[str, Any] | None = Field(description="the recipe of the picks so far")
+    merge: int | None = Field(description="the merge job made from the study, if any")
+    created_at: datetime
+    updated_at: datetime
+
+
+class RoundRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(description="raw | text_encoder | unet | leave_one_out | final")
+
+
+class PicksRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    picks: list[str | int] = Field(max_length=256, description="candidate names or registry ids (leave_one_out: "
+                                                               "those to leave out; may be empty)")

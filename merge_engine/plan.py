@@ -361,6 +361,7 @@ def _metadata(canonical: Recipe, recipe_hash: str, inputs: list[PlannedInput]) -
         "recipe": canonical.model_dump(mode="json"),
     }
     return {
+        **canonical.output.metadata,
         "format": "pt",
         "sdmerge_version": __version__,
         "sdmerge_recipe": canonical.canonical_json(),

@@ -21,6 +21,7 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -149,12 +150,40 @@ MethodNode = Uniform | Weighted | AddDifference
 Leaf = str | ModelLeaf
 
 
+RESERVED_METADATA = ("format", "sdmerge_version", "sdmerge_recipe", "sdmerge_recipe_hash", "sdmerge_inputs",
+                     "sd_merge_recipe", "sd_merge_models")
+MAX_METADATA_BYTES = 1 << 20
+
+
 class OutputOptions(_Frozen):
     dtype: DType = "fp16"
     accumulate: Literal["fp32", "fp64"] = "fp32"
     non_finite: Literal["error", "keep"] = Field(
         default="error", description="what to do with NaN/Inf in an input tensor"
     )
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="more text entries for the output's safetensors metadata (e.g. "
+                                          "modelspec.title, or sdmerge_study: the selection study behind the recipe)")
+
+    @field_validator("metadata")
+    @classmethod
+    def _own_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        taken = sorted(set(value) & set(RESERVED_METADATA))
+        if taken:
+            raise ValueError(f"metadata keys {', '.join(taken)} are written by sdmerge itself")
+        if any(not key or len(key) > 256 for key in value):
+            raise ValueError("metadata keys must be 1 to 256 characters")
+        if sum(len(k) + len(v) for k, v in value.items()) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata holds more than {MAX_METADATA_BYTES} characters")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _without_empty_metadata(self, handler: Any) -> dict[str, Any]:
+        # A recipe without metadata keeps the canonical form (and hash) it had before the field.
+        data = handler(self)
+        if not data.get("metadata"):
+            data.pop("metadata", None)
+        return data
 
 
 class Recipe(_Frozen):

@@ -90,7 +90,8 @@ class Topic(PreviewSettings):
 class PreviewRequest(PreviewSettings):
     targets: list[Ref | dict[str, Any]] = Field(
         default=[], description="each a model reference (registry id, name or `sha256:<hex>`), "
-                                "`{\"merge\": JOB_ID}` (a succeeded merge's output) or `{\"recipe\": {...}}`")
+                                "`{\"merge\": JOB_ID}` (a succeeded merge's output) or `{\"recipe\": {...}}` (with an "
+                                "optional `label`, its column header)")
     base: Ref | None = Field(default=None, description="text-encoder sweep: the model to take everything else from")
     swap_text_encoder_from: list[Ref] = Field(
         default=[], description="text-encoder sweep: one target per model, `base` with this model's text_encoder")
@@ -168,9 +169,14 @@ def _targets(session: Session, settings: Settings, request: PreviewRequest) -> t
             out.append(_model_target(models[str(target)]))
         elif set(target) == {"merge"}:
             out.append(_merge_target(session, target["merge"], position))
-        elif set(target) == {"recipe"}:
+        elif set(target) in ({"recipe"}, {"recipe", "label"}):
             recipes += 1
-            out.append(_recipe_target(session, target["recipe"], f"recipe {recipes}", {"recipe": recipes}))
+            out.append(_recipe_target(session, target["recipe"], f"recipe {recipes}", {"recipe": recipes}, settings))
+            if "label" in target:
+                if not isinstance(target["label"], str) or not 0 < len(target["label"]) <= 200:
+                    raise InvalidPreview(f"targets[{position}]: a label is 1 to 200 characters of text",
+                                         details={"target": position})
+                out[-1]["label"] = out[-1]["model_name"] = target["label"]
         else:
             raise InvalidPreview(f"targets[{position}] must be a model reference, {{\"merge\": JOB_ID}} or "
                                  f"{{\"recipe\": {{...}}}}; got keys {sorted(target)}", details={"target": position})
