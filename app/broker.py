@@ -7,12 +7,18 @@ lists the folder and reads whatever it finds: one that comes between the two rea
 file, and the message is lost (250 of 7,478 in a 20 s burst), or the worker dies on the decode
 error. Here a message is written under a name no consumer matches and renamed into place (a
 rename is atomic), and a consumer claims a file by renaming it into its `claimed/` folder before
-reading it, so two consumers never read one message and none reads half of one.
+reading it, so two consumers never read one message and none reads half of one. The claimed
+name starts with the claim time: a consumer removes its file as soon as it has read it, so one
+still there a lease later is a killed consumer's, and `restore_claimed` puts it back.
+
+There is no fsync: a message lost to a power cut is a row still queued whose message is gone,
+which the reaper re-sends like any other lost one (the SQL row is the truth, not the folder).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +33,7 @@ from kombu.utils.json import dumps, loads
 log = logging.getLogger(__name__)
 EMBEDDED_SCHEME = "sdmerge-filesystem"
 CLAIMED = "claimed"
+WRITING = ".writing"  # a message being written: no queue's name ends so
 
 
 class Channel(filesystem.Channel):
@@ -38,17 +45,22 @@ class Channel(filesystem.Channel):
 
     def _put(self, queue: str, payload: dict, **kwargs) -> None:
         name = f"{int(round(monotonic() * 1000)):015d}_{uuid.uuid4()}.{queue}.msg"
-        staging = os.path.join(self.data_folder_out, f".{name}.writing")  # matches no queue
-        with open(staging, "wb") as f:
-            f.write(dumps(payload).encode())
-        os.rename(staging, os.path.join(self.data_folder_out, name))
+        staging = os.path.join(self.data_folder_out, f".{name}{WRITING}")
+        try:
+            with open(staging, "wb") as f:
+                f.write(dumps(payload).encode())
+            os.rename(staging, os.path.join(self.data_folder_out, name))
+        except OSError as exc:  # e.g. a full disk: no half-written file stays behind
+            with contextlib.suppress(OSError):
+                os.remove(staging)
+            raise filesystem.ChannelError(f"cannot add {name!r} to the queue folder: {exc}") from exc
 
     def _get(self, queue: str) -> dict:
         wanted = f"{queue}.msg"
         for name in sorted(os.listdir(self.data_folder_in)):
             if name.partition(".")[2] != wanted:
                 continue
-            claimed = os.path.join(self.claimed_folder, name)
+            claimed = os.path.join(self.claimed_folder, f"{round(time.time() * 1000)}-{name}")
             try:
                 os.rename(os.path.join(self.data_folder_in, name), claimed)
             except FileNotFoundError:  # another consumer claimed it first
@@ -57,7 +69,8 @@ class Channel(filesystem.Channel):
                 with open(claimed, "rb") as f:
                     text = f.read()
             finally:
-                os.remove(claimed)
+                with contextlib.suppress(FileNotFoundError):  # put back meanwhile: we were stopped that long
+                    os.remove(claimed)
             try:
                 return loads(text)
             except ValueError:  # not written by us: dropped, not fatal (the reaper re-sends lost work)
@@ -70,6 +83,41 @@ class Transport(filesystem.Transport):
 
 
 TRANSPORT_ALIASES[EMBEDDED_SCHEME] = f"{__name__}:Transport"
+
+
+def _claimed_at(folder: str, entry: str) -> tuple[float, str]:
+    """When a claimed file was claimed (seconds since the epoch), and its name in the queue."""
+    stamp, _, name = entry.partition("-")
+    if stamp.isdigit():
+        return int(stamp) / 1000, name
+    return os.stat(os.path.join(folder, entry)).st_ctime, entry  # claimed by an older version
+
+
+def recover(connection, older_than: float) -> dict[str, int]:
+    """What killed processes left in the embedded broker more than `older_than` seconds ago: a
+    claimed message (its consumer died between claiming and reading it, so no worker has it) is
+    put back into its queue; a half-written one (its publisher died) is removed, and its row is
+    re-sent by the reaper. A no-op on other brokers."""
+    channel = connection.default_channel
+    found = {"restored": 0, "removed": 0}
+    if not isinstance(channel, Channel):
+        return found
+    before, folder = time.time() - older_than, channel.claimed_folder
+    for entry in os.listdir(folder):
+        with contextlib.suppress(FileNotFoundError):  # read and removed meanwhile
+            claimed_at, name = _claimed_at(folder, entry)
+            if claimed_at < before:
+                os.rename(os.path.join(folder, entry), os.path.join(channel.data_folder_in, name))
+                found["restored"] += 1
+    for entry in os.listdir(channel.data_folder_out):
+        path = os.path.join(channel.data_folder_out, entry)
+        with contextlib.suppress(FileNotFoundError):  # renamed into place meanwhile
+            if entry.endswith(WRITING) and os.stat(path).st_mtime < before:
+                os.remove(path)
+                found["removed"] += 1
+    if any(found.values()):
+        log.warning("broker: leftovers of killed processes: %s", found)
+    return found
 
 
 # -- what is waiting in a queue -------------------------------------------------------------------
@@ -91,15 +139,18 @@ def waiting(connection, queue: str, taken_within: float = float("inf")) -> set[t
 def _payloads(connection, queue: str, taken_within: float) -> Iterator[dict]:
     channel = connection.default_channel
     if isinstance(channel, Channel):
-        wanted = f"{queue}.msg"
+        wanted, since = f"{queue}.msg", time.time() - taken_within
         for folder in (channel.data_folder_in, channel.claimed_folder):
             for name in os.listdir(folder):
-                if name.partition(".")[2] == wanted:
-                    try:
-                        with open(os.path.join(folder, name), "rb") as f:
-                            yield loads(f.read())
-                    except (OSError, ValueError):  # taken meanwhile
+                if name.partition(".")[2] != wanted:
+                    continue
+                try:
+                    if folder == channel.claimed_folder and _claimed_at(folder, name)[0] < since:
                         continue
+                    with open(os.path.join(folder, name), "rb") as f:
+                        yield loads(f.read())
+                except (OSError, ValueError):  # taken meanwhile
+                    continue
         return
     client = channel.client  # redis: the queue is a list; taken messages wait in the `unacked` hash
     for raw in client.lrange(queue, 0, -1):
