@@ -105,6 +105,25 @@ def test_what_a_killed_consumer_left_claimed_is_put_back_not_resent(tmp_path, da
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_message_just_taken_by_a_worker_is_not_taken_for_lost(tmp_path, database_url):
+    """Between a worker's take of a message and its claim of the row, the row is queued and its
+    message is out of the queue: it counts as waiting for a lease (as Redis's unacknowledged do)."""
+    from worker.reaper import reap
+
+    runtime = _runtime(tmp_path, database_url)
+    job = _job(runtime, 3, send=True)
+    assert _messages(runtime) == [("sdmerge.merge", job)]  # taken; the row not claimed yet
+    assert reap(runtime)["resent"] == []
+    taken = runtime.settings.broker_dir / "taken"
+    (name,) = os.listdir(taken)
+    stamp, _, rest = name.partition("-")
+    os.rename(taken / name, taken / f"{int(stamp) - 2 * LEASE * 1000}-{rest}")  # a lease ago: its worker died
+    assert reap(runtime)["resent"] == [job]
+    assert not os.listdir(taken)
+    runtime.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_broker_that_cannot_be_read_gets_only_long_lost_work_resent(tmp_path, database_url):
     from worker.reaper import BLIND_RESEND_AFTER_LEASES, reap
 
