@@ -211,3 +211,36 @@ class Heartbeat:
             self._cancel.set()
         elif row.cancel_requested:
             self._cancel.set()
+
+
+class Vouch:
+    """For work without a lease (hashing a model): while it runs, the row's `dispatched_at` is
+    kept fresh, so the reaper, which re-sends what waited a lease since it was sent, leaves a
+    long hash alone; once the worker dies, the row is re-sent a lease later."""
+
+    def __init__(self, runtime: Runtime, table: Any, row_id: int, status: str) -> None:
+        self.runtime, self.table, self.row_id, self.status = runtime, table, row_id, status
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"vouch-{table.__tablename__}-{row_id}", daemon=True)
+
+    def __enter__(self) -> Vouch:
+        self._vouch()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.runtime.settings.job_lease_seconds / 4)):
+            self._vouch()
+
+    def _vouch(self) -> None:
+        table = self.table
+        try:
+            with self.runtime.sessions.begin() as session:
+                session.execute(update(table).where(table.id == self.row_id, table.status == self.status)
+                                .values(dispatched_at=utcnow()))
+        except Exception:  # a database hiccup: a lease has slack for a few missed beats
+            log.exception("%s %s: vouching failed", table.__tablename__, self.row_id)

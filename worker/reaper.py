@@ -5,8 +5,11 @@ It runs in every worker. A row still queued (or a model still hashing) a lease a
 sent is sent again only if no message for it is left in the broker (`app.broker.waiting`): a
 job waiting behind a long merge keeps its one message, while one whose message was lost (a
 broker restarted without persistence, an API killed between its commit and its send) runs
-within about a lease. Each re-dispatch is an UPDATE guarded by the state it saw, so several
-reapers at once send a row once; and a duplicate message is harmless since claims are atomic.
+within about a lease. A worker hashing a model vouches for it meanwhile (worker/tasks.py), as
+a lease holder does for its row. Each re-dispatch is an UPDATE guarded by the state it saw, so
+several reapers at once send a row once; and a duplicate message is harmless since claims are
+atomic. A broker that cannot be read is most likely down (a message sent now would be lost
+too): then nothing is re-sent that pass, unless it has waited `BLIND_RESEND_AFTER_LEASES`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.broker import waiting
+from app.broker import recover, waiting
 from app.dispatch import enqueue
 from app.models import Analysis, Job, Leased, Model, Preview, utcnow
 from app.queue import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK, QUEUES
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 # A queued row or hashing model not claimed this many lease lengths after it was sent is looked
 # for in the broker, and sent again if its message is gone.
 RESEND_AFTER_LEASES = 1
+# ... and while the broker cannot be looked into, after this many, message or not.
+BLIND_RESEND_AFTER_LEASES = 10
 LEASED_TASKS: dict[type[Leased], str] = {Job: MERGE_TASK, Analysis: ANALYSIS_TASK, Preview: PREVIEW_TASK}
 
 
@@ -36,20 +41,20 @@ def reap(runtime: Runtime) -> dict[str, list[int]]:
     """One pass. The report's keys are `cancelled`, `requeued`, `resent` for merge jobs, the
     same prefixed by `analysis_` and `preview_` for those tables, and `rehash` for models."""
     now = utcnow()
-    resend_before = now - timedelta(seconds=runtime.settings.job_lease_seconds * RESEND_AFTER_LEASES)
-    report: dict[str, list[int]] = {}
     waiting = _waiting(runtime)
+    leases = RESEND_AFTER_LEASES if waiting is not None else BLIND_RESEND_AFTER_LEASES
+    resend_before = now - timedelta(seconds=runtime.settings.job_lease_seconds * leases)
+    waiting = waiting or set()
+    report: dict[str, list[int]] = {}
     with runtime.sessions.begin() as session:
         for table, task in LEASED_TASKS.items():
             prefix = "" if table is Job else f"{table.kind}_"
             for name, ids in _reap_table(session, table, task, now, resend_before, waiting).items():
                 report[prefix + name] = ids
-        stale = list(session.scalars(select(Model.id).where(
-            Model.status == "hashing", or_(Model.dispatched_at.is_(None), Model.dispatched_at < resend_before))))
-        lost = [i for i in stale if waiting is None or (HASH_TASK, i) not in waiting]
+        stale = and_(Model.status == "hashing", _sent_before(Model, resend_before))
+        lost = [i for i in session.scalars(select(Model.id).where(stale)) if (HASH_TASK, i) not in waiting]
         report["rehash"] = list(session.scalars(
-            update(Model).where(Model.id.in_(lost), Model.status == "hashing").values(dispatched_at=now)
-            .returning(Model.id))) if lost else []
+            update(Model).where(Model.id.in_(lost), stale).values(dispatched_at=now).returning(Model.id))) if lost else []
         for model_id in report["rehash"]:
             enqueue(session, HASH_TASK, model_id)
     if any(report.values()):
@@ -60,19 +65,24 @@ def reap(runtime: Runtime) -> dict[str, list[int]]:
 
 
 def _waiting(runtime: Runtime) -> set[tuple[str, int]] | None:
-    """Every (task, id) with a message in the broker; None if the broker cannot be read, and
-    then everything stale is sent again (a duplicate costs a no-op, a lost message a job)."""
+    """Every (task, id) with a message in the broker (after putting back what killed consumers
+    left claimed); None if the broker cannot be read."""
+    lease = runtime.settings.job_lease_seconds
     try:
         with runtime.celery.connection_for_read() as connection:
-            lease = runtime.settings.job_lease_seconds
+            recover(connection, older_than=lease)
             return set().union(*(waiting(connection, queue, taken_within=lease) for queue in QUEUES))
-    except Exception:  # noqa: BLE001 - a broker that is down: the sends will fail and be retried
-        log.warning("reaper: cannot look into the broker's queues", exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - most likely down: say so in one line, every pass
+        log.warning("reaper: cannot look into the broker's queues (%s: %s)", type(exc).__name__, exc)
         return None
 
 
+def _sent_before(table, before: datetime):
+    return or_(table.dispatched_at.is_(None), table.dispatched_at < before)
+
+
 def _reap_table(session: Session, table: type[Leased], task: str, now: datetime,
-                resend_before: datetime, waiting: set[tuple[str, int]] | None) -> dict[str, list[int]]:
+                resend_before: datetime, waiting: set[tuple[str, int]]) -> dict[str, list[int]]:
     expired = and_(table.status == "running", table.lease_expires_at < now)
     found = {}
     found["cancelled"] = list(session.scalars(
@@ -82,11 +92,11 @@ def _reap_table(session: Session, table: type[Leased], task: str, now: datetime,
     found["requeued"] = list(session.scalars(
         update(table).where(expired).values(status="queued", lease_owner=None, lease_expires_at=None,
                                             dispatched_at=now).returning(table.id)))
-    stale = list(session.scalars(select(table.id).where(
-        table.status == "queued", or_(table.dispatched_at.is_(None), table.dispatched_at < resend_before))))
-    lost = [i for i in stale if waiting is None or (task, i) not in waiting]
+    # The UPDATE repeats the SELECT's condition: a reaper that re-sent the row meanwhile wins.
+    stale = and_(table.status == "queued", _sent_before(table, resend_before))
+    lost = [i for i in session.scalars(select(table.id).where(stale)) if (task, i) not in waiting]
     found["resent"] = list(session.scalars(
-        update(table).where(table.id.in_(lost), table.status == "queued").values(dispatched_at=now)
+        update(table).where(table.id.in_(lost), stale).values(dispatched_at=now)
         .returning(table.id))) if lost else []
     for row_id in found["requeued"] + found["resent"]:
         enqueue(session, task, row_id)

@@ -8,18 +8,27 @@ from typing import Any
 
 from celery import shared_task
 
+from app.models import Model
 from app.queue import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK
 from app.runtime import Runtime, make_runtime
 from app.settings import get_settings
 from worker.analyses import run_analysis
 from worker.hashing import hash_model
 from worker.jobs import run_merge_job
+from worker.lease import Vouch
 from worker.previews import run_preview
+
+
+def run_hash(runtime: Runtime, model_id: int) -> None:
+    """A big file takes longer than a lease to hash: vouch for it meanwhile (worker/reaper.py)."""
+    with Vouch(runtime, Model, model_id, "hashing"):
+        hash_model(runtime.sessions, model_id)
+
 
 # What each task runs, given the process's runtime and the row id (tests run these directly).
 HANDLERS: dict[str, Callable[[Runtime, int], Any]] = {
     MERGE_TASK: run_merge_job,
-    HASH_TASK: lambda runtime, model_id: hash_model(runtime.sessions, model_id),
+    HASH_TASK: run_hash,
     ANALYSIS_TASK: run_analysis,
     PREVIEW_TASK: run_preview,
 }
@@ -37,7 +46,7 @@ def merge_task(job_id: int) -> None:
 
 @shared_task(name=HASH_TASK)
 def hash_model_task(model_id: int) -> None:
-    hash_model(worker_runtime().sessions, model_id)
+    run_hash(worker_runtime(), model_id)
 
 
 @shared_task(name=ANALYSIS_TASK)

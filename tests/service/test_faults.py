@@ -1,5 +1,6 @@
 """Faults, on real processes: a worker SIGKILLed mid-preview and mid-hash, Redis restarted with its
-queued messages lost, the API killed and started again, the embedded worker killed mid-merge.
+queued messages lost, the API killed and started again, the embedded worker killed mid-merge,
+and the embedded `sdmerge serve` killed (its child worker with it) and started again.
 Every job completes exactly once, one artifact per recipe, and no partial file is left.
 (A worker killed mid-merge on the scale-out topology: test_scale_out.py.)"""
 
@@ -142,6 +143,46 @@ def test_the_api_killed_mid_flight_and_restarted(topology):
     settled(data)
 
 
+PREVIEW_BODY = {"targets": ["sd2-1.safetensors", "sd2-2.safetensors"], "prompts": [f"a cube {i}" for i in range(6)],
+                "seeds": [1, 2], "steps": 6, "width": 64, "height": 64}
+
+
+def _rendering(client, preview_id: int) -> bool:
+    row = client.get(f"/previews/{preview_id}").json()
+    return row["status"] == "running" and bool((row["progress"] or {}).get("images_done"))
+
+
+def _preview_done(client, preview_id: int, timeout: float = 240) -> dict:
+    return wait_for(lambda: (p := client.get(f"/previews/{preview_id}").json())["status"]
+                    in ("succeeded", "failed") and p, timeout, "the preview to finish")
+
+
+def test_redis_restart_while_a_preview_runs_and_merges_wait(topology):
+    """Redis dies with one worker mid-preview (its message taken, unacknowledged) and merges
+    queued behind it: the preview goes on under its lease, and the lost merges are re-sent."""
+    client, data = topology["client"], topology["data"]
+    register(client, [*PREVIEW_BODY["targets"], *SLOW_RECIPE["merge"]["models"]])
+    idle, busy = workers(topology)
+    idle.popen.send_signal(signal.SIGSTOP)  # so the merges surely wait in Redis when it dies
+    try:
+        preview = client.post("/previews", json=PREVIEW_BODY).json()
+        wait_for(lambda: _rendering(client, preview["id"]), 120, "the preview to be rendering", interval=0.05)
+        jobs = [client.post("/merges", json=recipe).json() for recipe in slow_recipes(3)]
+        topology["redis"].kill()
+        time.sleep(1)
+        topology["redis"].start()
+    finally:
+        idle.popen.send_signal(signal.SIGCONT)
+    done = [wait_job(client, job["id"], timeout=180) for job in jobs]
+    assert {j["status"] for j in done} == {"succeeded"}, done
+    assert completions(workers(topology)) == {j["id"]: 1 for j in done}
+    rendered = _preview_done(client, preview["id"])
+    assert rendered["status"] == "succeeded" and rendered["attempts"] == 1, rendered
+    assert sum(w.output().count(f"preview {preview['id']}: succeeded") for w in workers(topology)) == 1
+    assert any("'resent'" in w.output() for w in workers(topology))
+    settled(data)
+
+
 def test_a_worker_killed_mid_preview_renders_it_once_elsewhere(topology):
     client, data = topology["client"], topology["data"]
     register(client, ["sd2-1.safetensors", "sd2-2.safetensors"])
@@ -233,3 +274,44 @@ def test_the_embedded_worker_killed_mid_merge(tmp_path, model_root):
             settled(tmp_path / "data")
     finally:
         server.stop()
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie left for whoever adopted it to reap."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_embedded_serve_killed_mid_flight_and_started_again(tmp_path, model_root):
+    """`sdmerge serve` SIGKILLed with a merge running in its child worker and more queued: the
+    child dies with it, and once serve is started again every job completes exactly once."""
+    port, data = free_port(), tmp_path / "data"
+    env = service_env(SDMERGE_JOB_LEASE_SECONDS=str(LEASE_SECONDS), SDMERGE_MERGE_THREADS="1",
+                      SDMERGE_HASH_CACHE=str(tmp_path / "hashes.sqlite3"))
+    args = [*SDMERGE, "serve", "--port", str(port), "--data-dir", str(data), "--model-root", str(model_root)]
+    base = f"http://127.0.0.1:{port}"
+    servers = [Process(args, env, tmp_path / "serve.log")]
+    try:
+        wait_healthy(base, servers[0])
+        with httpx.Client(base_url=base, timeout=30) as client:
+            register(client, SLOW_RECIPE["merge"]["models"])
+            jobs = [client.post("/merges", json=recipe).json() for recipe in slow_recipes(4)]
+            wait_for(lambda: any("job-" in p.name for p in (data / "tmp").iterdir()), 60,
+                     "the child worker to be merging", interval=0.005)
+            (child,) = servers[0].children()
+            servers[0].kill()
+            wait_for(lambda: _gone(child), 30, "the child worker to die with serve")
+            servers.append(Process(args, env, tmp_path / "serve2.log"))
+            wait_healthy(base, servers[1])
+            done = [wait_job(client, job["id"], timeout=180) for job in jobs]
+            assert {j["status"] for j in done} == {"succeeded"}, done
+            assert completions(servers) == {j["id"]: 1 for j in done}
+            assert max(j["attempts"] for j in done) == 2, done  # the merge that was running, run again
+            assert len(list((data / "artifacts").rglob("*.safetensors"))) == len({j["recipe_hash"] for j in done})
+            settled(data)
+    finally:
+        for server in servers:
+            server.stop()
+
