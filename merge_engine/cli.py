@@ -16,6 +16,7 @@ from typing import Any
 from . import __version__, jsonsafe
 from .errors import RecipeError, SdmergeError
 from .preview.command import add_parser as add_preview_parser
+from .preview.study_command import add_parser as add_study_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_analyze)
 
     add_preview_parser(sub, roots)
+    add_study_parser(sub, roots)
 
     p = sub.add_parser("demo", help="write tiny SD2-shaped models and a recipe into DIR, then merge them")
     p.add_argument("dir", type=Path)

@@ -69,13 +69,15 @@ class PreviewSettings(BaseModel):
                                   "and seeds; fields given beside it here override it")
     infotext: str | None = Field(default=None, description="a pasted A1111 infotext; as `a1111`")
 
-    def imported(self) -> tuple[dict[str, Any], str | None]:
-        """The settings its payload or infotext gives (as Sampling fields), and the VAE it names."""
+    def imported(self, seeds_given: bool = False) -> tuple[dict[str, Any], str | None]:
+        """The settings its payload or infotext gives (as Sampling fields), and the VAE it names
+        (a payload's random seed is fine where seeds are given beside it)."""
         if self.a1111 is not None and self.infotext is not None:
             raise InvalidPreview("give a1111 or infotext, not both")
         if self.a1111 is None and self.infotext is None:
             return {}, None
-        base, vae = from_txt2img_payload(self.a1111) if self.a1111 is not None else from_infotext(self.infotext)
+        base, vae = (from_txt2img_payload(self.a1111, seeds_given=seeds_given or "seeds" in self.model_fields_set)
+                     if self.a1111 is not None else from_infotext(self.infotext))
         return base.to_dict(), vae
 
     def given(self) -> dict[str, Any]:
@@ -113,7 +115,7 @@ class PreviewRequest(PreviewSettings):
         topics = self.topics or [self]
         out, vaes = [], set()
         for i, topic in enumerate(topics):
-            values, vae = topic.imported()
+            values, vae = topic.imported(seeds_given="seeds" in self.model_fields_set)
             if topic is not self:
                 values.update(self.given())  # the shared fields (prompts are the topics' own)
             values.update(topic.given())

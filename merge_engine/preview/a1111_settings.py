@@ -103,8 +103,9 @@ def _dynthres_parameters(d: DynamicThresholding) -> dict[str, Any]:
 
 # -- a txt2img API body --------------------------------------------------------------------------
 
-def from_txt2img_payload(body: Any) -> tuple[Sampling, str | None]:
-    """(sampling, the VAE file name `override_settings.sd_vae` asks for, or None)."""
+def from_txt2img_payload(body: Any, *, seeds_given: bool = False) -> tuple[Sampling, str | None]:
+    """(sampling, the VAE file name `override_settings.sd_vae` asks for, or None). A random seed
+    (-1, the API's default) is refused unless `seeds_given`: the caller sets the seeds itself."""
     if not isinstance(body, dict):
         raise OptionsError("an A1111 txt2img payload is a JSON object")
     refused: list[str] = []
@@ -120,7 +121,9 @@ def from_txt2img_payload(body: Any) -> tuple[Sampling, str | None]:
                               "negative_prompt": _text(body.get("negative_prompt", ""), "negative_prompt")}
     seed = body.get("seed", -1)
     count = int(body.get("batch_size", 1) or 1) * int(body.get("n_iter", 1) or 1)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if seeds_given and seed == -1:
+        pass
+    elif not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         refused.append(f"seed={seed!r} (a preview needs a fixed seed; -1 asks for a random one)")
     else:  # the WebUI numbers the images of a batch and its iterations from the seed up
         kwargs["seeds"] = tuple(seed + i for i in range(max(1, count)))

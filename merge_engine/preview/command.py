@@ -148,7 +148,8 @@ def _topics(args: argparse.Namespace, width: int | None, height: int | None) -> 
         raw = read_file(path, "settings file", 16 << 20, OptionsError)
         text = raw.decode("utf-8", errors="replace")
         if path.suffix.lower() == ".json":
-            base, vae = from_txt2img_payload(loads(text, what=f"settings file {path}", error=OptionsError))
+            base, vae = from_txt2img_payload(loads(text, what=f"settings file {path}", error=OptionsError),
+                                             seeds_given=bool(args.seed))
         else:
             base, vae = from_infotext(text)
         topics.append(_flags_over(args, base, width, height))
