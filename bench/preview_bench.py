@@ -120,7 +120,7 @@ def main() -> int:
     # --- one loaded model: the preview sampler against diffusers' pipeline, same modules ---
     sampling = Sampling(prompts=PROMPTS, negative_prompt=NEGATIVE, seeds=(1,), steps=steps, width=size,
                         height=size, sampler="euler", cfg_scale=7.0, batch_size=4)
-    renderer = _Renderer(sampling, *_device(args.device), None)
+    renderer = _Renderer(*_device(args.device), None)
     planned = plan(parse_recipe({"merge": base.name}), resolver)
     started = time.perf_counter()
     import diffusers  # noqa: F401
@@ -151,7 +151,7 @@ def main() -> int:
 
     for batch in (1, 4):
         jobs = [(i % len(PROMPTS), 1) for i in range(batch)]
-        runs = {"sdmerge": lambda jobs=jobs: renderer._sample(model, jobs)}
+        runs = {"sdmerge": lambda jobs=jobs: renderer._sample(model, sampling, [PROMPTS[p] for p, _ in jobs], [seed for _, seed in jobs])}
         if not args.skip_plain:
             runs["plain"] = _plain_pipeline(model, renderer, batch, size, steps)
         times = _alternating(runs, batch, args.repeat)
@@ -204,8 +204,8 @@ def _plain_pipeline(model, renderer, batch: int, size: int, steps: int):
                                    unet=model.modules["unet"].module, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    cond, _ = renderer._conditioning(model, [PROMPTS[i % len(PROMPTS)] for i in range(batch)])
-    uncond, _ = renderer._conditioning(model, [NEGATIVE] * batch)
+    cond, _ = renderer._conditioning(model, [PROMPTS[i % len(PROMPTS)] for i in range(batch)], 1)
+    uncond, _ = renderer._conditioning(model, [NEGATIVE] * batch, 1)
     generator = torch.Generator("cpu").manual_seed(1)
 
     def run():

@@ -196,6 +196,31 @@ def test_batches_give_the_same_images_as_single_runs(models, tmp_path):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batched matmuls may round differently
 
 
+def test_topics_that_differ_only_in_prompts_share_batches(models, tmp_path, monkeypatch):
+    from merge_engine.preview import render
+
+    batches = []
+    original = render._Renderer._sample
+
+    def counted(self, model, s, prompts, seeds, negatives=None):
+        batches.append(list(prompts))
+        return original(self, model, s, prompts, seeds, negatives)
+
+    monkeypatch.setattr(render._Renderer, "_sample", counted)
+    long = "a cat, " * 60  # two 75-token chunks: its topic keeps batches of its own
+    topics = [Sampling(prompts=("a cat",), seeds=(1,), negative_prompt="blurry", batch_size=4, **SMALL),
+              Sampling(prompts=("a dog",), seeds=(2,), batch_size=4, **SMALL),
+              Sampling(prompts=("a fox",), seeds=(3,), batch_size=4, cfg_scale=5.0, **SMALL),
+              Sampling(prompts=(long,), seeds=(4,), batch_size=4, cfg_scale=5.0, **SMALL)]
+    together = render_previews([target(models, "sd2-0.safetensors")], topics, tmp_path / "all")
+    assert batches == [["a cat", "a dog"], ["a fox"], [long]]
+    assert [(i.topic_index, i.seed) for i in together.images] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    for n, topic in enumerate(topics):
+        alone = render_previews([target(models, "sd2-0.safetensors")], topic, tmp_path / f"alone-{n}")
+        assert alone.images[0].infotext == together.images[n].infotext
+        difference = read_png_pixels(alone.images[0].path).astype(int) - pixels(together)[n].astype(int)
+        assert np.abs(difference).max() <= 1  # batched matmuls may round differently
+
 @pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
 def test_sd1_and_sdxl_render_through_the_same_code(models, tmp_path, architecture):
     result = render_previews([target(models, f"{architecture}-0.safetensors")],

@@ -7,11 +7,12 @@ its images are sampled in batches. Images are numbered target-major, then prompt
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from merge_engine.preview.infotext import format_parameters, write_png
 from merge_engine.preview.models import architecture_config, package_config
 from merge_engine.preview.params import DEFAULT_PREDICTION, LATENT_UPSCALERS, Sampling, check_topics
 from merge_engine.preview.pipeline import Anchor, PreviewModel
+from merge_engine.preview.prompt import tokenize_weighted
 from merge_engine.preview.sampling import KARRAS, ImageNoise, Schedule, c_in, denoised_from, sample
 from merge_engine.preview.tokenizer import CHUNK_LENGTH, CLIPTokenizer
 from merge_engine.recipe import ModelLeaf, Recipe
@@ -148,17 +150,16 @@ def render_previews(
                 hashes.append(model_hash)
                 vae_info = _vae_info(run, vae) if vae else None
                 first = t * per_target
-                for topic, s in enumerate(topics):
-                    for index, prompt_index, seed, image in renderer.images(model, s, first):
-                        text = format_parameters(s.prompts[prompt_index], s.negative_prompt,
-                                                 infotext_parameters(s, seed, model_hash, target.model_name, vae_info))
-                        path = out / image_name(index)
-                        written.append(writer.submit(_write, path, image, text))
-                        images.append(RenderedImage(index, path, t, prompt_index, seed, text, topic))
-                        pixels.append(image)
-                        if progress:
-                            progress(len(images), total)
-                    first += s.images_per_target()
+                for index, topic, prompt_index, seed, image in renderer.images(model, topics, first):
+                    s = topics[topic]
+                    text = format_parameters(s.prompts[prompt_index], s.negative_prompt,
+                                             infotext_parameters(s, seed, model_hash, target.model_name, vae_info))
+                    path = out / image_name(index)
+                    written.append(writer.submit(_write, path, image, text))
+                    images.append(RenderedImage(index, path, t, prompt_index, seed, text, topic))
+                    pixels.append(image)
+                    if progress:
+                        progress(len(images), total)
             grid = out / "grid.png" if len(images) > 1 else None
             rows = _row_labels(topics, grid_rows)
             if grid is not None:
@@ -241,16 +242,40 @@ class _Renderer:
         self.schedule = _schedule_of(planned) or self.default_schedule
         return self.model
 
-    def images(self, model: PreviewModel, s: Sampling, base: int):
-        """(index, prompt index, seed, pixels) of every image of one topic, numbered from `base`."""
-        jobs = [(p, seed) for p in range(len(s.prompts)) for seed in s.seeds]
-        for start in range(0, len(jobs), s.batch_size):
-            if self.should_cancel and self.should_cancel():
-                raise MergeCancelled("preview cancelled")
-            batch = jobs[start:start + s.batch_size]
-            decoded = self._sample(model, s, batch)
-            for offset, ((prompt_index, seed), image) in enumerate(zip(batch, decoded, strict=True)):
-                yield base + start + offset, prompt_index, seed, image
+    def images(self, model: PreviewModel, topics: Sequence[Sampling], base: int):
+        """(index, topic, prompt index, seed, pixels) of every image of one target, numbered from
+        `base` in order topic, prompt, seed. Topics that differ only in prompts, negative prompt
+        and seeds share batches (twelve one-prompt topics sample as three batches of four): each
+        image's noise comes from its own seed, so its pixels do not depend on its batch."""
+        jobs = []
+        for topic, s in enumerate(topics):
+            jobs += [(topic, p, seed) for p in range(len(s.prompts)) for seed in s.seeds]
+        keys = [self._batch_key(s, topic) for topic, s in enumerate(topics)]
+        index = base
+        for _, group in itertools.groupby(jobs, key=lambda job: keys[job[0]]):
+            group = list(group)
+            s = topics[group[0][0]]
+            for start in range(0, len(group), s.batch_size):
+                if self.should_cancel and self.should_cancel():
+                    raise MergeCancelled("preview cancelled")
+                batch = group[start:start + s.batch_size]
+                decoded = self._sample(model, s, [topics[t].prompts[p] for t, p, _ in batch], [seed for *_, seed in batch],
+                                       [topics[t].negative_prompt for t, _, _ in batch])
+                for (topic, prompt_index, seed), image in zip(batch, decoded, strict=True):
+                    yield index, topic, prompt_index, seed, image
+                    index += 1
+
+    def _batch_key(self, s: Sampling, topic: int) -> object:
+        """What a topic's images must share with another's to be sampled in one batch: every
+        setting but prompts and seeds, and prompts of one length (a batch's contexts are padded
+        to its longest prompt, as in the WebUI, which would not pad a topic sampled alone). A
+        topic of mixed lengths, or with dynamic thresholding over all channels at once (it
+        measures the whole batch, as the extension does), keeps batches of its own."""
+        lengths = {len(tokenize_weighted(p, self.tokenizer)) for p in (*s.prompts, s.negative_prompt)}
+        batch_wide = s.dynamic_thresholding is not None and not s.dynamic_thresholding.separate_feature_channels
+        if batch_wide or len(lengths) > 1:
+            return ("alone", topic)
+        return replace(s, prompts=(), negative_prompt="", seeds=()), lengths.pop()
 
     def _conditioning(self, model: PreviewModel, prompts: list[str],
                       skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -264,23 +289,24 @@ class _Renderer:
         return (torch.stack(contexts).to(self.dtype),
                 torch.stack(pooled).to(self.dtype) if pooled[0] is not None else None)
 
-    def _sample(self, model: PreviewModel, s: Sampling, batch: list[tuple[int, int]]) -> list:
-        """txt2img as the WebUI's StableDiffusionProcessingTxt2Img.sample, hires fix included."""
-        seeds = [seed for _, seed in batch]
-        prompts = [s.prompts[p] for p, _ in batch]
+    def _sample(self, model: PreviewModel, s: Sampling, prompts: list[str], seeds: list[int],
+                negatives: list[str] | None = None) -> list:
+        """txt2img as the WebUI's StableDiffusionProcessingTxt2Img.sample, hires fix included, of
+        one batch: `s` gives the settings, and the negative prompt unless `negatives` are given."""
+        negatives = negatives or [s.negative_prompt] * len(prompts)
         channels = model.modules["unet"].settings["config"]["in_channels"]
         config = model.modules["unet"].settings["config"]
         freeu = FreeUState.for_unet(s.freeu, list(config["block_out_channels"])) if s.freeu is not None else None
         rng = ImageNoise(seeds, (channels, s.height // 8, s.width // 8), self.device)
         sigmas = self.schedule.sigmas_for(s.steps, s.sampler in KARRAS)
         x = rng() * sigmas[0]
-        x = self._run(model, s, prompts, s.width, s.height, x, sigmas, rng, freeu)
+        x = self._run(model, s, prompts, negatives, s.width, s.height, x, sigmas, rng, freeu)
         if s.hires is None:
             return self._decode(model, x)
-        return self._decode(model, self._hires(model, s, prompts, seeds, x, freeu))
+        return self._decode(model, self._hires(model, s, prompts, negatives, seeds, x, freeu))
 
-    def _hires(self, model: PreviewModel, s: Sampling, prompts: list[str], seeds: list[int], x: torch.Tensor,
-               freeu: FreeUState | None) -> torch.Tensor:
+    def _hires(self, model: PreviewModel, s: Sampling, prompts: list[str], negatives: list[str], seeds: list[int],
+               x: torch.Tensor, freeu: FreeUState | None) -> torch.Tensor:
         """`sample_hr_pass`: upscale, then img2img with the second-pass steps and denoising."""
         hires = s.hires
         assert hires is not None
@@ -296,15 +322,15 @@ class _Renderer:
         noise = rng()
         total, t_enc = hires.steps(s.steps)
         sigmas = self.schedule.sigmas_for(total, s.sampler in KARRAS)[total - t_enc - 1:]
-        return self._run(model, s, prompts, width, height, x + noise * sigmas[0], sigmas, rng, freeu)
+        return self._run(model, s, prompts, negatives, width, height, x + noise * sigmas[0], sigmas, rng, freeu)
 
-    def _run(self, model: PreviewModel, s: Sampling, prompts: list[str], width: int, height: int,
+    def _run(self, model: PreviewModel, s: Sampling, prompts: list[str], negatives: list[str], width: int, height: int,
              x: torch.Tensor, sigmas: torch.Tensor, rng: ImageNoise, freeu: FreeUState | None) -> torch.Tensor:
         """One sampling pass from `x` (already at noise level sigmas[0])."""
         n = len(prompts)
         prediction = s.prediction_type or DEFAULT_PREDICTION[model.architecture]
         # The unconditional half first, then the conditional one, in one batch.
-        context, pooled = self._conditioning(model, [s.negative_prompt] * n + prompts, s.clip_skip)
+        context, pooled = self._conditioning(model, negatives + prompts, s.clip_skip)
         added = None
         if pooled is not None:  # SDXL's size conditioning: the size this pass samples at
             time_ids = torch.tensor([[height, width, 0, 0, height, width]] * (2 * n), dtype=self.dtype,
