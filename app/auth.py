@@ -1,14 +1,25 @@
-"""Bearer-token check for every request except /health, including docs and the OpenAPI file."""
+"""Bearer-token check for every request except /health and the dashboard's own files (an HTML
+shell and its scripts, which hold no data and ask for the token), including docs and OpenAPI.
+
+The token comes in `Authorization: Bearer …`, or, for reads only (GET and HEAD), in the
+dashboard's `sdmerge_token` cookie: the browser sends no header with an `<img>` or a download
+link. The dashboard sets that cookie SameSite=Strict for its session, so another site's page
+cannot make the browser send it, and a cookie alone never changes anything."""
 
 from __future__ import annotations
 
 import secrets
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import unquote
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import Unauthorized, error_body
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/", "/ui", "/ui/"})
+OPEN_PREFIXES = ("/ui/static/",)
+COOKIE = "sdmerge_token"
+READS = frozenset({"GET", "HEAD"})
 
 
 class BearerTokenMiddleware:
@@ -17,11 +28,13 @@ class BearerTokenMiddleware:
         self.token = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if self.token is None or scope["type"] != "http" or _open(scope["path"]):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() == b"bearer" and secrets.compare_digest(given, self.token):
+            return await self.app(scope, receive, send)
+        if scope["method"] in READS and secrets.compare_digest(_cookie(headers.get(b"cookie", b"")), self.token):
             return await self.app(scope, receive, send)
         from starlette.responses import JSONResponse
 
@@ -29,3 +42,15 @@ class BearerTokenMiddleware:
         response = JSONResponse(error_body(error.code, error.message), 401,
                                 headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or (path.startswith(OPEN_PREFIXES) and ".." not in path)
+
+
+def _cookie(header: bytes) -> bytes:
+    try:
+        morsel = SimpleCookie(header.decode("latin-1")).get(COOKIE)
+    except CookieError:
+        return b""
+    return unquote(morsel.value).encode() if morsel else b""  # the dashboard writes it URI-encoded

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 
 from app.bodies import SafeJsonRoute
 from app.deps import DbDep, RowId, SettingsDep, WorkStatus, parse_cursor
+from app.errors import NotFound
 from app.models import MAX_ROW_ID
 from app.openapi import errors
 from app.schemas import Page, PreviewOut
@@ -43,7 +44,14 @@ async def preview_grid(preview_id: RowId, db: DbDep, settings: SettingsDep):
 
 @router.get("/{preview_id}/images/{index}.png", response_class=FileResponse, responses=PNG)
 async def preview_image(preview_id: RowId, index: Annotated[int, Path(ge=0, le=MAX_ROW_ID)], db: DbDep, settings: SettingsDep):
-    return FileResponse(await db.run(previews.image, settings, preview_id, index), media_type="image/png")
+    path = await db.run(previews.image, settings, preview_id, index)
+    if path.is_relative_to(settings.tmp_dir):  # a running preview's: it may be moved away at any moment
+        try:
+            return Response(path.read_bytes(), media_type="image/png", headers={"Cache-Control": "no-store"})
+        except FileNotFoundError:
+            raise NotFound("the preview has just finished; fetch the image again",
+                           details={"id": preview_id, "image": index}) from None
+    return FileResponse(path, media_type="image/png")
 
 
 @router.post("/{preview_id}/cancel", response_model=PreviewOut, status_code=202, responses=errors(409))

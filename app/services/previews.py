@@ -21,7 +21,7 @@ from app.errors import Conflict, InvalidPreview, NotFound
 from app.models import MAX_ROW_ID, Job, Model, Preview, utcnow
 from app.queue import PREVIEW_TASK
 from app.services import leased, merges, registry
-from app.services.files import result_dir
+from app.services.files import result_dir, staging_dir
 from app.settings import Settings
 from merge_engine.errors import ResolveError
 from merge_engine.preview.a1111_settings import from_infotext, from_txt2img_payload
@@ -344,6 +344,12 @@ def view(row: Preview) -> dict[str, Any]:
 def image(session: Session, settings: Settings, preview_id: int, index: int | None) -> Path:
     """The PNG of image `index`, or of the grid (None), of a succeeded preview."""
     row = leased.get_row(session, Preview, preview_id)
+    if row.status == "running" and index is not None and row.lease_owner:
+        # While it runs, the images already written (each renamed into place whole) are shown.
+        path = staging_dir(settings, Preview.kind, preview_id, row.lease_owner) / "out" / "images" / f"{index}.png"
+        if path.is_file():
+            return path
+        raise NotFound("the image is not rendered yet", details={"id": preview_id, "image": index})
     if row.status != "succeeded" or not row.result:
         raise NotFound(f"the preview is {row.status}; its images exist once it has succeeded",
                        details={"id": preview_id, "status": row.status})

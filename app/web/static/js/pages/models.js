@@ -1,0 +1,169 @@
+// Models: the registry as a sortable, filterable table; register a path, scan the roots, upload
+// with a progress bar; one model's details with the lineage its merge recipe records.
+
+import { all, api, upload } from "../api.js";
+import { badge, bytes, errorBox, field, h, json, progressBar, sortableTable, when } from "../ui.js";
+
+export async function render(view, ctx, id) {
+  return id ? detail(view, ctx, id) : list(view, ctx);
+}
+
+const COLUMNS = [
+  { key: "name", label: "Name", render: (m) => h("a", { href: `#/models/${m.id}` }, m.name) },
+  { key: "architecture", label: "Architecture" },
+  { key: "components", label: "Components", value: (m) => Object.keys(m.components || {}).join(", ") },
+  { key: "size", label: "Size", num: true, render: (m) => bytes(m.size) },
+  { key: "sha256", label: "Hash", value: (m) => (m.sha256 || "").slice(0, 10), render: (m) => h("code", { title: m.sha256 || "" }, (m.sha256 || "").slice(0, 10)) },
+  { key: "autov3", label: "AutoV3", render: (m) => h("code", {}, m.autov3 || "") },
+  { key: "status", label: "Status", render: (m) => h("span", { title: m.error || "" }, badge(m.status), m.error ? h("div", { class: "error" }, m.error) : null) },
+];
+
+async function list(view, ctx) {
+  const message = h("div");
+  const count = h("span", { class: "muted" });
+  const text = h("input", { type: "search", placeholder: "name contains…", "aria-label": "filter by name" });
+  const architecture = h("select", { "aria-label": "architecture" }, ["", "sd1", "sd2", "sdxl"].map((a) => h("option", { value: a }, a || "any architecture")));
+  const status = h("select", { "aria-label": "status" }, ["", "ready", "hashing", "failed"].map((s) => h("option", { value: s }, s || "any status")));
+  let models = [];
+  const table = sortableTable(COLUMNS, []);
+  const filtered = () => {
+    const needle = text.value.trim().toLowerCase();
+    return models.filter((m) => (!needle || m.name.toLowerCase().includes(needle))
+      && (!architecture.value || m.architecture === architecture.value) && (!status.value || m.status === status.value));
+  };
+  const redraw = () => {
+    const rows = filtered();
+    table.update(rows);
+    count.textContent = `${rows.length} of ${models.length} models`;
+  };
+  for (const input of [text, architecture, status]) input.addEventListener("input", redraw);
+
+  const path = h("input", { name: "path", placeholder: "path under a model root", size: 40 });
+  const name = h("input", { name: "name", placeholder: "name (optional)" });
+  const register = h("form", {
+    class: "row", onsubmit: async (event) => {
+      event.preventDefault();
+      await act(message, async () => {
+        const model = await api("/models", { method: "POST", body: { path: path.value, ...(name.value ? { name: name.value } : {}) } });
+        message.replaceChildren(h("p", {}, "Registered ", h("a", { href: `#/models/${model.id}` }, model.name), "."));
+        path.value = name.value = "";
+      });
+      await reload();
+    },
+  }, path, name, h("button", { type: "submit" }, "Register"));
+  const scan = h("button", {
+    class: "secondary", onclick: async () => {
+      await act(message, async () => {
+        const result = await api("/models/scan", { method: "POST" });
+        message.replaceChildren(h("p", {}, `Scan: ${result.registered.length} registered, ${result.skipped.length} skipped.`),
+          result.skipped.length ? h("ul", {}, result.skipped.map((s) => h("li", { class: "error" }, `${s.path}: ${s.error}`))) : null);
+      });
+      await reload();
+    },
+  }, "Scan the model roots");
+  const file = h("input", { type: "file", accept: ".safetensors", "aria-label": "checkpoint to upload" });
+  const uploadProgress = h("div");
+  const uploadButton = h("button", {
+    class: "secondary", onclick: async () => {
+      const chosen = file.files[0];
+      if (!chosen) return;
+      uploadButton.disabled = true;
+      await act(message, async () => {
+        uploadProgress.replaceChildren(progressBar(0));
+        const model = await upload(chosen, chosen.name, (fraction, sent) =>
+          uploadProgress.replaceChildren(progressBar(fraction, `${bytes(sent)} of ${bytes(chosen.size)}`)));
+        uploadProgress.replaceChildren(progressBar(1, "uploaded"));
+        message.replaceChildren(h("p", {}, "Uploaded ", h("a", { href: `#/models/${model.id}` }, model.name), "."));
+      });
+      uploadButton.disabled = false;
+      await reload();
+    },
+  }, "Upload");
+
+  view.append(h("h1", {}, "Models"),
+    h("div", { class: "card" }, h("div", { class: "row" }, register, scan), h("div", { class: "row", style: { marginTop: "10px" } }, file, uploadButton, uploadProgress), message),
+    h("div", { class: "row", style: { marginBottom: "8px" } }, text, architecture, status, count), table);
+
+  async function reload() {
+    let first = true;
+    const loaded = [];
+    await all("/models", (page, sofar) => {
+      loaded.length = 0;
+      loaded.push(...sofar);
+      if (first || sofar.length === page.length) { models = [...loaded]; redraw(); }
+      if (first) { first = false; ctx.ready(); }
+    });
+    models = loaded;
+    redraw();
+    if (first) ctx.ready();
+  }
+  await reload();
+  // Models still hashing turn ready (or failed) by themselves: look again while any is.
+  ctx.poll(async () => {
+    if (!models.some((m) => m.status === "hashing")) return true;
+    await reload();
+    return true;
+  }, 2000);
+}
+
+async function act(message, fn) {
+  try { await fn(); } catch (error) { message.replaceChildren(errorBox(error)); }
+}
+
+async function detail(view, ctx, id) {
+  const model = await api(`/models/${encodeURIComponent(id)}`);
+  const metadata = model.metadata || {};
+  const lineage = await lineageOf(metadata);
+  const remove = h("button", {
+    class: "danger", onclick: async () => {
+      if (!confirm(`Forget ${model.name}? (an uploaded file is deleted too)`)) return;
+      await api(`/models/${model.id}`, { method: "DELETE" });
+      location.hash = "#/models";
+    },
+  }, "Forget");
+  view.append(
+    h("h1", {}, model.name, " ", badge(model.status)),
+    model.error ? h("div", { class: "errorbox" }, model.error) : null,
+    h("div", { class: "cols" },
+      h("div", { class: "card" }, h("table", { class: "data" }, h("tbody", {}, [
+        ["Path", h("code", {}, model.path)], ["Size", bytes(model.size)], ["Architecture", model.architecture || ""],
+        ["sha256", h("code", {}, model.sha256 || "")], ["AutoV3", h("code", {}, model.autov3 || "")],
+        ["Legacy hash", h("code", {}, model.legacy_hash || "")], ["Registered", when(model.created_at)],
+      ].map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v))))), h("p", {}, remove)),
+      h("div", { class: "card" }, h("h2", {}, "Components"), h("table", { class: "data" },
+        h("thead", {}, h("tr", {}, h("th", {}, "Component"), h("th", { class: "num" }, "Keys"), h("th", { class: "num" }, "Parameters"), h("th", {}, "dtypes"))),
+        h("tbody", {}, Object.entries(model.components || {}).map(([name, c]) => h("tr", {},
+          h("td", {}, name), h("td", { class: "num" }, c.keys ?? ""), h("td", { class: "num" }, (c.params ?? "").toLocaleString()),
+          h("td", {}, Object.entries(c.dtypes || {}).map(([d, n]) => `${d} ${n}`).join(", ")))))))),
+    h("div", { class: "card" }, h("h2", {}, "Lineage"), lineage),
+    h("div", { class: "card" }, h("h2", {}, "Metadata"), Object.keys(metadata).length ? json(metadata) : h("p", { class: "muted" }, "none")));
+  ctx.ready();
+}
+
+// What the file says it was merged from: sdmerge's recipe and inputs, or A1111's merge recipe;
+// each input linked to its registry row when it is registered (by sha256).
+async function lineageOf(metadata) {
+  let recipe = null, inputs = [];
+  try {
+    if (metadata.sdmerge_recipe) {
+      recipe = JSON.parse(metadata.sdmerge_recipe);
+      inputs = JSON.parse(metadata.sdmerge_inputs || "[]");
+    } else if (metadata.sd_merge_recipe) {
+      recipe = JSON.parse(metadata.sd_merge_recipe);
+      inputs = Object.entries(JSON.parse(metadata.sd_merge_models || "{}")).map(([sha256, m]) => ({ sha256, name: m.name || m.legacy_hash || sha256 }));
+    }
+  } catch {
+    return h("p", { class: "error" }, "the merge metadata is not valid JSON");
+  }
+  if (!recipe) return h("p", { class: "muted" }, "not a recorded merge");
+  const registered = new Map((inputs.length ? await all("/models") : []).map((m) => [m.sha256, m]));
+  const rows = inputs.map((input) => {
+    const found = registered.get(input.sha256);
+    return h("tr", {}, h("td", {}, input.name || ""), h("td", {}, h("code", {}, (input.sha256 || "").slice(0, 10))),
+      h("td", {}, found ? h("a", { href: `#/models/${found.id}` }, found.name) : h("span", { class: "muted" }, "not registered")));
+  });
+  return h("div", {}, rows.length ? h("table", { class: "data" },
+    h("thead", {}, h("tr", {}, h("th", {}, "Input"), h("th", {}, "sha256"), h("th", {}, "In the registry"))), h("tbody", {}, rows)) : null,
+  metadata.sdmerge_study ? h("p", {}, "Chosen by a selection study: ", h("code", {}, JSON.parse(metadata.sdmerge_study).name || "")) : null,
+  h("h2", {}, "Recipe"), json(recipe));
+}
