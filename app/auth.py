@@ -1,4 +1,9 @@
-"""Bearer-token check for every request except /health, including docs and the OpenAPI file."""
+"""Bearer-token check for every request except liveness and the API docs.
+
+The docs pages, their vendored assets and /openapi.json are open: a browser loads them before a
+user has given a token (Swagger's Authorize button takes it), and they describe the API, not data.
+Routing matches the same raw path, so a path under /vendor/ only ever reaches the static files.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import Unauthorized, error_body
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/redoc"})
+OPEN_PREFIXES = ("/vendor/",)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 class BearerTokenMiddleware:
@@ -17,7 +27,7 @@ class BearerTokenMiddleware:
         self.token = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if self.token is None or scope["type"] != "http" or is_open(scope["path"]):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
