@@ -19,7 +19,8 @@ PACKAGES=(
         LICENSE NOTICE swagger-ui-bundle.js swagger-ui-bundle.js.LICENSE.txt swagger-ui.css favicon-32x32.png"
     # ReDoc 2, the standalone bundle (/redoc).
     "redoc 2.5.4 sha512-M6jWhG1qoBnH6TFmzJnstyCZ87HmOY/UzDm78mHiYihEdlV/YcS9ogOo1NlElnJMeLsyxHFe2yFc4sNjHTrABQ== redoc
-        LICENSE bundles/redoc.standalone.js bundles/redoc.standalone.js.LICENSE.txt"
+        LICENSE bundles/redoc.standalone.js bundles/redoc.standalone.js.LICENSE.txt
+        bundles/d87bcbdbea8f8f5aa26f.worker.js.LICENSE.txt"
 )
 
 cd "$(dirname "$0")/.."

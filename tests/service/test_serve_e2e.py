@@ -57,6 +57,7 @@ def test_serve_end_to_end(served, tmp_path, model_root):
         html = client.get(page)
         assert html.status_code == 200 and asset in html.text
         assert "cdn" not in html.text.lower() and "https://" not in html.text
+        assert "default-src 'self'" in html.headers["content-security-policy"]
         assert client.get(asset).status_code == 200
     assert client.get("/openapi.json").json()["info"]["title"] == "sdmerge"
 
