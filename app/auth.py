@@ -1,5 +1,8 @@
-"""Bearer-token check for every request except /health and the dashboard's own files (an HTML
-shell and its scripts, which hold no data and ask for the token), including docs and OpenAPI.
+"""Bearer-token check for every request except liveness, the API docs and the dashboard's own
+files (HTML shells, scripts, styles: they hold no data, and a browser loads them before a user
+has given a token; Swagger's Authorize button and the dashboard's dialog ask for it).
+/openapi.json is open too: it describes the API, not data. Routing matches the same raw path,
+so a path under /vendor/ or /ui/static/ only ever reaches the static files.
 
 The token comes in `Authorization: Bearer …`, or, for reads only (GET and HEAD), in the
 dashboard's `sdmerge_token` cookie: the browser sends no header with an `<img>` or a download
@@ -16,10 +19,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import Unauthorized, error_body
 
-OPEN_PATHS = frozenset({"/health", "/", "/ui", "/ui/"})
-OPEN_PREFIXES = ("/ui/static/",)
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/redoc", "/", "/ui", "/ui/"})
+OPEN_PREFIXES = ("/vendor/", "/ui/static/")
 COOKIE = "sdmerge_token"
 READS = frozenset({"GET", "HEAD"})
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or (path.startswith(OPEN_PREFIXES) and ".." not in path)
 
 
 class BearerTokenMiddleware:
@@ -28,7 +35,7 @@ class BearerTokenMiddleware:
         self.token = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token is None or scope["type"] != "http" or _open(scope["path"]):
+        if self.token is None or scope["type"] != "http" or is_open(scope["path"]):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
@@ -42,10 +49,6 @@ class BearerTokenMiddleware:
         response = JSONResponse(error_body(error.code, error.message), 401,
                                 headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
-
-
-def _open(path: str) -> bool:
-    return path in OPEN_PATHS or (path.startswith(OPEN_PREFIXES) and ".." not in path)
 
 
 def _cookie(header: bytes) -> bytes:

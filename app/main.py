@@ -11,7 +11,7 @@ from app.auth import BearerTokenMiddleware
 from app.bodies import BodyLimitMiddleware
 from app.errors import install_error_handlers
 from app.openapi import install_openapi
-from app.routes import analyses, artifacts, merges, models, previews, studies, system, web
+from app.routes import analyses, artifacts, docs, merges, models, previews, studies, system, web
 from app.runtime import make_runtime
 from app.settings import Settings, get_settings
 from merge_engine import __version__
@@ -33,14 +33,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, limit=runtime.settings.max_json_bytes)
     app.add_middleware(BearerTokenMiddleware, token=runtime.settings.api_token)  # outermost: before any body is read
-    for module in (system, models, merges, artifacts, analyses, previews, studies, web):
+    for module in (system, docs, models, merges, artifacts, analyses, previews, studies, web):
         app.include_router(module.router)
     app.mount("/ui/static", web.static_files(), name="ui-static")
-    app.mount(system.DOCS_ASSETS, StaticFiles(directory=_swagger_ui_dir()), name="docs-assets")
+    app.mount(docs.VENDOR_URL, StaticFiles(directory=docs.VENDOR_DIR), name="vendor")
     return app
-
-
-def _swagger_ui_dir() -> str:
-    import swagger_ui_bundle
-
-    return swagger_ui_bundle.swagger_ui_path

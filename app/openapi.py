@@ -67,7 +67,8 @@ def build(app: FastAPI) -> dict[str, Any]:
     schemas["A1111Metadata"] = A1111_METADATA
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    spec["components"]["securitySchemes"] = {"bearer": {
+        "type": "http", "scheme": "bearer", "description": "SDMERGE_API_TOKEN, where the service has one set"}}
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             _complete(path, method, operation)

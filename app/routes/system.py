@@ -1,12 +1,11 @@
-"""Liveness, readiness, and the API docs served from local assets (no CDN, works offline)."""
+"""Liveness and readiness."""
 
 from __future__ import annotations
 
 import shutil
 
-from fastapi import APIRouter, Request
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.bodies import SafeJsonRoute
@@ -14,7 +13,6 @@ from app.deps import RuntimeDep
 from app.schemas import ReadyOut
 
 router = APIRouter(tags=["system"], route_class=SafeJsonRoute)
-DOCS_ASSETS = "/docs/assets"
 
 
 @router.get("/health")
@@ -60,13 +58,3 @@ def _check(probe) -> str:
     except Exception as exc:  # readiness reports any failure instead of raising it
         return f"error: {type(exc).__name__}: {exc}"
 
-
-@router.get("/docs", include_in_schema=False)
-def docs(request: Request) -> HTMLResponse:
-    return get_swagger_ui_html(
-        openapi_url=request.app.openapi_url,
-        title="sdmerge API",
-        swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
-        swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
-        swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
-    )

@@ -53,10 +53,12 @@ def register(client: httpx.Client, filename: str, name: str) -> dict:
 def test_serve_end_to_end(served, tmp_path, model_root):
     client, server = served
     assert client.get("/ready").json()["status"] == "ready"
-    docs = client.get("/docs")
-    assert docs.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in docs.text
-    assert "cdn" not in docs.text.lower()
-    assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+    for page, asset in (("/docs", "/vendor/swagger-ui/swagger-ui-bundle.js"), ("/redoc", "/vendor/redoc/redoc.standalone.js")):
+        html = client.get(page)
+        assert html.status_code == 200 and asset in html.text
+        assert "cdn" not in html.text.lower() and "https://" not in html.text
+        assert "default-src 'self'" in html.headers["content-security-policy"]
+        assert client.get(asset).status_code == 200
     assert client.get("/openapi.json").json()["info"]["title"] == "sdmerge"
 
     register(client, "sd2-1.safetensors", "a")

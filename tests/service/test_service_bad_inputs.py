@@ -134,7 +134,10 @@ def test_token_is_required_when_set(settings):
 
     with TestClient(create_app(dataclasses.replace(settings, api_token="s3cret"))) as client:
         assert client.get("/health").status_code == 200
-        for url in ("/models", "/docs", "/openapi.json", "/ready"):
+        for url in ("/models", "/ready", "/merges/1", "/docs/x", "/vendorx", "/artifacts/1"):
             assert_error(client.get(url), 401, "unauthorized")
+        # The docs load before a user has a token to give (Swagger's Authorize button takes it)
+        for url in ("/docs", "/redoc", "/openapi.json", "/vendor/swagger-ui/swagger-ui.css"):
+            assert client.get(url).status_code == 200, url
         assert_error(client.get("/models", headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
         assert client.get("/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200

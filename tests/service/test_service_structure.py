@@ -8,7 +8,7 @@ import sys
 import pytest
 from sqlalchemy import create_engine
 
-from tests.service.servers import SDMERGE, service_env
+from tests.service.servers import REPO, SDMERGE, service_env
 
 
 def test_importing_the_app_does_not_import_torch():
@@ -113,3 +113,19 @@ def test_ready_reports_an_unreachable_broker(tmp_path):
     assert response.status_code == 503
     assert response.json()["checks"]["database"] == "ok"
     assert response.json()["checks"]["broker"].startswith("error")
+
+
+def test_the_vendored_web_assets_are_the_pinned_ones():
+    """app/web/vendor holds what scripts/vendor-web.sh fetched, unchanged, and the wheel ships it."""
+    import hashlib
+    import tomllib
+
+    from app.routes.docs import VENDOR_DIR
+
+    sums = dict(reversed(line.split("  ", 1)) for line in (VENDOR_DIR / "SHA256SUMS").read_text().splitlines())
+    files = {str(p.relative_to(VENDOR_DIR)) for p in VENDOR_DIR.rglob("*") if p.is_file()} - {"SHA256SUMS"}
+    assert set(sums) == files
+    for name, digest in sums.items():
+        assert hashlib.sha256((VENDOR_DIR / name).read_bytes()).hexdigest() == digest, name
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["app"]
+    assert "web/vendor/*/*" in package_data and all(name.count("/") == 1 for name in files)
