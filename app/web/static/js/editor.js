@@ -142,7 +142,9 @@ export class JsonEditor {
     const placed = [];
     for (const e of (error.details && error.details.errors) || []) {
       const loc = (e.loc || []).filter((p) => p !== "body");
-      const node = locate(tree, loc);
+      let node = locate(tree, loc);
+      // "not a model reference or a known method": the method named is what is at fault.
+      if (e.type === "invalid_source" && node.type === "object" && node.children.has("method")) node = node.children.get("method");
       placed.push(this.mark(node.keyStart ?? node.start, `${loc.join(".") || "recipe"}: ${e.msg}`));
       if (placed.length >= 5) break;
     }

@@ -14,6 +14,11 @@ export function h(tag, attrs = {}, ...children) {
   return element;
 }
 
+// Append children as h() does: null, undefined and false are skipped, arrays flattened.
+export function put(element, ...children) {
+  append(element, children);
+}
+
 function append(element, children) {
   for (const child of children) {
     if (child === null || child === undefined || child === false) continue;

@@ -3,7 +3,7 @@
 // components, with every model a link to its registry row.
 
 import { all, api } from "../api.js";
-import { badge, errorBox, field, h, json, when } from "../ui.js";
+import { badge, errorBox, field, h, json, when, put } from "../ui.js";
 import { cancelButton, errorOf, isLive, progressOf } from "./jobs.js";
 
 const COMPONENTS = ["text_encoder", "unet", "vae", "text_encoder_2"];
@@ -62,7 +62,7 @@ async function list(view, ctx) {
   h("p", {}, submit), message);
 
   const body = h("tbody");
-  view.append(h("h1", {}, "Analyses"), h("div", { class: "card" }, h("h2", {}, "New analysis"), form),
+  put(view, h("h1", {}, "Analyses"), h("div", { class: "card" }, h("h2", {}, "New analysis"), form),
     h("h2", {}, "Recent analyses"), h("table", { class: "data", id: "analyses" },
       h("thead", {}, h("tr", {}, ["#", "Models", "Components", "Status", "Progress", "Created", ""].map((t) => h("th", {}, t)))), body));
   let first = true;
@@ -113,7 +113,7 @@ async function detail(view, ctx, id) {
     draw();
     return isLive(a) ? 1000 : false;
   }
-  view.append(header, results);
+  put(view, header, results);
   draw();
   ctx.ready();
   if (isLive(a)) setTimeout(() => ctx.poll(refresh, 1000), 1000);

@@ -2,7 +2,7 @@
 // downloads with size and sha256. Polls every second while anything is queued or running.
 
 import { api } from "../api.js";
-import { badge, bytes, duration, errorBox, h, progressBar, when } from "../ui.js";
+import { badge, bytes, duration, errorBox, h, progressBar, when, put } from "../ui.js";
 
 const LIVE = new Set(["queued", "running"]);
 
@@ -63,11 +63,11 @@ export function row(kind, item, after) {
 
 export async function render(view, ctx) {
   const sections = {};
-  view.append(h("h1", {}, "Jobs"));
+  put(view, h("h1", {}, "Jobs"));
   for (const [kind, spec] of Object.entries(KINDS)) {
     const body = h("tbody");
     sections[kind] = body;
-    view.append(h("h2", {}, spec.title), h("table", { class: "data", id: `jobs-${kind}` },
+    put(view, h("h2", {}, spec.title), h("table", { class: "data", id: `jobs-${kind}` },
       h("thead", {}, h("tr", {}, ["#", "What", "Status", "Progress", "Created", "Result", ""].map((t) => h("th", {}, t)))), body));
   }
   let first = true;

@@ -4,7 +4,7 @@
 
 import { all, api } from "../api.js";
 import { JsonEditor, schemaWords } from "../editor.js";
-import { badge, bytes, errorBox, h } from "../ui.js";
+import { badge, bytes, errorBox, h, put } from "../ui.js";
 import { downloadOf, errorOf, isLive, progressOf } from "./jobs.js";
 
 const EXAMPLE = { name: "my-mix", merge: { method: "uniform", models: [] } };
@@ -69,6 +69,8 @@ export async function render(view, ctx) {
   const convert = async () => {
     let body;
     try { body = JSON.parse(a1111.value); } catch (error) { result.replaceChildren(errorBox({ code: "malformed_json", message: error.message })); return; }
+    // A file's __metadata__ pasted as it is, or the whole header with it.
+    if (body && typeof body === "object" && !body.__metadata__ && body.sd_merge_recipe) body = { __metadata__: body };
     try {
       const plan = await api("/merges/plan", { method: "POST", body });
       editor.value = JSON.stringify(plan.recipe, null, 2);
@@ -79,7 +81,7 @@ export async function render(view, ctx) {
     }
   };
 
-  view.append(h("h1", {}, "New merge"),
+  put(view, h("h1", {}, "New merge"),
     h("div", { class: "cols" },
       h("div", {},
         h("div", { class: "card" }, editor.element,

@@ -2,7 +2,7 @@
 // with a progress bar; one model's details with the lineage its merge recipe records.
 
 import { all, api, upload } from "../api.js";
-import { badge, bytes, errorBox, field, h, json, progressBar, sortableTable, when } from "../ui.js";
+import { badge, bytes, errorBox, field, h, json, progressBar, sortableTable, when, put } from "../ui.js";
 
 export async function render(view, ctx, id) {
   return id ? detail(view, ctx, id) : list(view, ctx);
@@ -80,7 +80,7 @@ async function list(view, ctx) {
     },
   }, "Upload");
 
-  view.append(h("h1", {}, "Models"),
+  put(view, h("h1", {}, "Models"),
     h("div", { class: "card" }, h("div", { class: "row" }, register, scan), h("div", { class: "row", style: { marginTop: "10px" } }, file, uploadButton, uploadProgress), message),
     h("div", { class: "row", style: { marginBottom: "8px" } }, text, architecture, status, count), table);
 
@@ -121,7 +121,7 @@ async function detail(view, ctx, id) {
       location.hash = "#/models";
     },
   }, "Forget");
-  view.append(
+  put(view, 
     h("h1", {}, model.name, " ", badge(model.status)),
     model.error ? h("div", { class: "errorbox" }, model.error) : null,
     h("div", { class: "cols" },
@@ -135,10 +135,13 @@ async function detail(view, ctx, id) {
         h("tbody", {}, Object.entries(model.components || {}).map(([name, c]) => h("tr", {},
           h("td", {}, name), h("td", { class: "num" }, c.keys ?? ""), h("td", { class: "num" }, (c.params ?? "").toLocaleString()),
           h("td", {}, Object.entries(c.dtypes || {}).map(([d, n]) => `${d} ${n}`).join(", ")))))))),
-    h("div", { class: "card" }, h("h2", {}, "Lineage"), lineage),
+    h("div", { class: "card", id: "lineage" }, h("h2", {}, "Lineage"), lineage),
     h("div", { class: "card" }, h("h2", {}, "Metadata"), Object.keys(metadata).length ? json(metadata) : h("p", { class: "muted" }, "none")));
   ctx.ready();
 }
+
+// The API hands metadata values that hold JSON as parsed values; a string is parsed here.
+const parsed = (value) => (typeof value === "string" ? JSON.parse(value) : value);
 
 // What the file says it was merged from: sdmerge's recipe and inputs, or A1111's merge recipe;
 // each input linked to its registry row when it is registered (by sha256).
@@ -146,11 +149,11 @@ async function lineageOf(metadata) {
   let recipe = null, inputs = [];
   try {
     if (metadata.sdmerge_recipe) {
-      recipe = JSON.parse(metadata.sdmerge_recipe);
-      inputs = JSON.parse(metadata.sdmerge_inputs || "[]");
+      recipe = parsed(metadata.sdmerge_recipe);
+      inputs = parsed(metadata.sdmerge_inputs || []);
     } else if (metadata.sd_merge_recipe) {
-      recipe = JSON.parse(metadata.sd_merge_recipe);
-      inputs = Object.entries(JSON.parse(metadata.sd_merge_models || "{}")).map(([sha256, m]) => ({ sha256, name: m.name || m.legacy_hash || sha256 }));
+      recipe = parsed(metadata.sd_merge_recipe);
+      inputs = Object.entries(parsed(metadata.sd_merge_models || {})).map(([sha256, m]) => ({ sha256, name: m.name || m.legacy_hash || sha256 }));
     }
   } catch {
     return h("p", { class: "error" }, "the merge metadata is not valid JSON");
@@ -164,6 +167,6 @@ async function lineageOf(metadata) {
   });
   return h("div", {}, rows.length ? h("table", { class: "data" },
     h("thead", {}, h("tr", {}, h("th", {}, "Input"), h("th", {}, "sha256"), h("th", {}, "In the registry"))), h("tbody", {}, rows)) : null,
-  metadata.sdmerge_study ? h("p", {}, "Chosen by a selection study: ", h("code", {}, JSON.parse(metadata.sdmerge_study).name || "")) : null,
+  metadata.sdmerge_study ? h("p", {}, "Chosen by a selection study: ", h("code", {}, parsed(metadata.sdmerge_study).name || "")) : null,
   h("h2", {}, "Recipe"), json(recipe));
 }

@@ -4,7 +4,7 @@
 
 import { all, api } from "../api.js";
 import { JsonEditor } from "../editor.js";
-import { badge, duration, errorBox, field, h, json, when } from "../ui.js";
+import { badge, duration, errorBox, field, h, json, when, put } from "../ui.js";
 import { cancelButton, errorOf, isLive, progressOf } from "./jobs.js";
 
 const SAMPLERS = ["euler", "euler_a", "dpmpp_2m_karras"];
@@ -181,7 +181,7 @@ async function list(view, ctx) {
   }
 
   const body = h("tbody");
-  view.append(h("h1", {}, "Previews"), h("div", { class: "card" }, h("h2", {}, "New preview"), form),
+  put(view, h("h1", {}, "Previews"), h("div", { class: "card" }, h("h2", {}, "New preview"), form),
     h("h2", {}, "Recent previews"), h("table", { class: "data", id: "previews" },
       h("thead", {}, h("tr", {}, ["#", "Targets", "Status", "Progress", "Created", ""].map((t) => h("th", {}, t)))), body));
   let first = true;
@@ -449,7 +449,7 @@ async function detail(view, ctx, id) {
     return isLive(p) ? 1000 : false;
   }
 
-  view.append(header, viewer, compare, hint,
+  put(view, header, viewer, compare, hint,
     h("div", { style: { overflow: "auto" } }, table),
     h("details", { style: { marginTop: "16px" } }, h("summary", {}, "Targets and their recipes"), json(p.targets)),
     h("details", {}, h("summary", {}, "Sampling settings"), json(p.topics)));

@@ -3,7 +3,7 @@
 // are carried into the next round; open the final recipe and merge it.
 
 import { all, api } from "../api.js";
-import { badge, errorBox, field, h, json, when } from "../ui.js";
+import { badge, errorBox, field, h, json, when, put } from "../ui.js";
 import { downloadOf, errorOf, isLive, progressOf } from "./jobs.js";
 
 const KINDS = {
@@ -60,7 +60,7 @@ async function list(view, ctx) {
       field("Topics", topics, "the fields below apply to every topic but what it sets itself"),
       h("div", { class: "row" }, field("Steps", steps), field("Width", width), field("Height", height), field("Seeds", seeds), field("CFG", cfg), field("Sampler", sampler)))),
   h("p", {}, h("button", { type: "submit" }, "Create the study")), message);
-  view.append(h("h1", {}, "Studies"), h("div", { class: "card" }, h("h2", {}, "New study"), form),
+  put(view, h("h1", {}, "Studies"), h("div", { class: "card" }, h("h2", {}, "New study"), form),
     h("h2", {}, "Studies"), h("table", { class: "data", id: "studies" },
       h("thead", {}, h("tr", {}, ["#", "Name", "Candidates", "Rounds", "Created"].map((t) => h("th", {}, t)))),
       h("tbody", {}, studies.items.length ? studies.items.map((s) => h("tr", {}, h("td", {}, s.id), h("td", {}, h("a", { href: `#/studies/${s.id}` }, s.name || `study #${s.id}`)),
@@ -84,7 +84,7 @@ async function detail(view, ctx, id) {
   const side = h("div");
   const message = h("div");
   const picks = new Map();  // round number -> Set of candidate names, while being chosen
-  view.append(header, message, h("div", { class: "viewer" }, rounds, side));
+  put(view, header, message, h("div", { class: "viewer" }, rounds, side));
 
   const start = async (kind) => {
     try {
