@@ -71,15 +71,13 @@ def test_bodies_are_decoded_off_the_event_loop(tmp_path, model_root):
         wait_healthy(base, server)
         names = [f"model-{i:07d}.safetensors" for i in range(9_000)]  # under the engine's caps
         body = json.dumps({"merge": {"method": "uniform", "models": names * 3}}).encode()
-        slowest, plans, done = [], [], threading.Event()
+        slowest, done = [], threading.Event()
 
         def submit() -> None:
             with httpx.Client(base_url=base, timeout=120) as client:
                 for _ in range(5):
-                    started = time.perf_counter()
                     assert client.post("/merges/plan", content=body,
                                        headers={"content-type": "application/json"}).status_code == 422
-                    plans.append(time.perf_counter() - started)
             done.set()
 
         thread = threading.Thread(target=submit)
@@ -90,9 +88,8 @@ def test_bodies_are_decoded_off_the_event_loop(tmp_path, model_root):
                 assert client.get("/health").status_code == 200
                 slowest.append(time.perf_counter() - started)
         thread.join()
-        # Relative, not a time limit: on the event loop, a /health sent during a plan would wait
-        # for all of it; off the loop it waits for far less than the quickest plan.
-        assert max(slowest) < 0.5 * min(plans), f"/health took {max(slowest):.2f} s, plans {plans}"
+        # A generous bound, not a timing target: on the event loop, /health waited 24 s for one body.
+        assert max(slowest) < 2.0, f"/health took {max(slowest):.2f} s while bodies were planned"
     finally:
         server.stop()
 
