@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any, Literal, Union
 
@@ -27,6 +26,7 @@ from pydantic import (
 
 from . import jsonsafe
 from .errors import RecipeError
+from .methods import METHODS, MethodNode, WeightedInput
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 ComponentName = Literal["unet", "text_encoder", "text_encoder_2", "vae"]
@@ -65,60 +65,6 @@ class ModelLeaf(_Frozen):
 ModelRef = Annotated[str, Field(min_length=1, description="a file path, a name, or sha256:<hex>")]
 
 
-class Weighted(_Frozen):
-    method: Literal["weighted"]
-    models: list[WeightedInput | Source] = Field(min_length=1)
-    normalize: bool = True
-
-    @model_validator(mode="after")
-    def _weights(self) -> Weighted:
-        weights = [item.weight for item in self.inputs()]
-        if all(w == 0 for w in weights):
-            raise ValueError("weights are all zero")
-        if not self.normalize:
-            return self
-        if any(w < 0 for w in weights):
-            raise ValueError("weights must not be negative (use add_difference for differences)")
-        return self
-
-    def inputs(self) -> list[WeightedInput]:
-        return [m if isinstance(m, WeightedInput) else WeightedInput(model=m, weight=1.0) for m in self.models]
-
-
-class WeightedInput(_Frozen):
-    model: Source
-    weight: float
-
-    @field_validator("weight")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("weight must be a finite number")
-        return value
-
-
-class Uniform(_Frozen):
-    method: Literal["uniform"]
-    models: list[Source] = Field(min_length=1)
-
-
-class AddDifference(_Frozen):
-    """a + alpha * (b - c): graft what b learned over c onto a."""
-
-    method: Literal["add_difference"]
-    a: Source
-    b: Source
-    c: Source
-    alpha: float = 1.0
-
-    @field_validator("alpha")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("alpha must be a finite number")
-        return value
-
-
 def _source_kind(value: Any) -> str | None:
     if isinstance(value, str):
         return "ref"
@@ -126,18 +72,16 @@ def _source_kind(value: Any) -> str | None:
         return getattr(value, "method", None) or "leaf"
     if isinstance(value, dict):
         if "method" in value:
-            return value["method"] if value["method"] in METHOD_NODES else "unknown_method"
+            return value["method"] if value["method"] in METHODS else "unknown_method"
         return "leaf"
     return None
 
 
+# A source: a model reference, a content-identified leaf, or any registered method's node.
 Source = Annotated[
-    Union[  # noqa: UP007 - one tagged member per line reads better
-        Annotated[ModelRef, Tag("ref")],
-        Annotated[ModelLeaf, Tag("leaf")],
-        Annotated[Uniform, Tag("uniform")],
-        Annotated[Weighted, Tag("weighted")],
-        Annotated[AddDifference, Tag("add_difference")],
+    Union[  # noqa: UP007 - built from the registry, one tagged member per method
+        (Annotated[ModelRef, Tag("ref")], Annotated[ModelLeaf, Tag("leaf")],
+         *(Annotated[m.node, Tag(name)] for name, m in METHODS.items()))
     ],
     Discriminator(
         _source_kind,
@@ -145,9 +89,9 @@ Source = Annotated[
         custom_error_message="a source is a model reference or an object with a known 'method'",
     ),
 ]
-METHOD_NODES = {"uniform": Uniform, "weighted": Weighted, "add_difference": AddDifference}
-MethodNode = Uniform | Weighted | AddDifference
 Leaf = str | ModelLeaf
+for _node in (WeightedInput, *(m.node for m in METHODS.values())):
+    _node.model_rebuild(_types_namespace={"Source": Source, "WeightedInput": WeightedInput})
 
 
 RESERVED_METADATA = ("format", "sdmerge_version", "sdmerge_recipe", "sdmerge_recipe_hash", "sdmerge_inputs",
@@ -206,8 +150,7 @@ class Recipe(_Frozen):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 
-for _model in (Weighted, WeightedInput, Uniform, AddDifference, Recipe):
-    _model.model_rebuild()
+Recipe.model_rebuild()
 
 
 def canonical_json(value: Any) -> str:
@@ -250,12 +193,12 @@ def check_recipe_size(data: Any) -> None:
     while stack:
         source = stack.pop()
         if isinstance(source, Mapping) and "method" in source:
-            for name in ("a", "b", "c"):
-                stack.append(source.get(name))
-            models = source.get("models")
-            for item in models if isinstance(models, list) else ():
-                stack.append(item["model"] if isinstance(item, Mapping) and "method" not in item
-                             and "model" in item else item)
+            method = METHODS.get(source["method"]) if isinstance(source["method"], str) else None
+            for name in method.node.INPUTS if method else ():
+                value = source.get(name)
+                for item in value if isinstance(value, list) else (value,):
+                    stack.append(item["model"] if isinstance(item, Mapping) and "method" not in item
+                                 and "model" in item else item)
             continue
         if isinstance(source, str):
             leaf: Any = source
@@ -274,17 +217,11 @@ def check_recipe_size(data: Any) -> None:
 
 
 def iter_leaves(source: Source) -> Iterator[Leaf]:
-    if isinstance(source, str | ModelLeaf):
-        yield source
-    elif isinstance(source, Uniform):
-        for child in source.models:
+    if isinstance(source, MethodNode):
+        for child in source.sources():
             yield from iter_leaves(child)
-    elif isinstance(source, Weighted):
-        for item in source.inputs():
-            yield from iter_leaves(item.model)
     else:
-        for child in (source.a, source.b, source.c):
-            yield from iter_leaves(child)
+        yield source
 
 
 def all_leaves(recipe: Recipe) -> list[Leaf]:
@@ -298,23 +235,9 @@ def all_leaves(recipe: Recipe) -> list[Leaf]:
 
 def map_leaves(source: Source, fn: Callable[[Leaf], Any]) -> Any:
     """The source as JSON-ready data with every leaf replaced by `fn(leaf)`."""
-    if isinstance(source, str | ModelLeaf):
-        return fn(source)
-    if isinstance(source, Uniform):
-        return {"method": "uniform", "models": [map_leaves(m, fn) for m in source.models]}
-    if isinstance(source, Weighted):
-        return {
-            "method": "weighted",
-            "normalize": source.normalize,
-            "models": [{"model": map_leaves(i.model, fn), "weight": i.weight} for i in source.inputs()],
-        }
-    return {
-        "method": "add_difference",
-        "a": map_leaves(source.a, fn),
-        "b": map_leaves(source.b, fn),
-        "c": map_leaves(source.c, fn),
-        "alpha": source.alpha,
-    }
+    if isinstance(source, MethodNode):
+        return source.map_sources(lambda child: map_leaves(child, fn))
+    return fn(source)
 
 
 def rewrite_leaves(recipe: Recipe, fn: Callable[[Leaf], Any]) -> Recipe:

@@ -21,7 +21,8 @@ from merge_engine.a1111 import (
     resolve_overrides,
 )
 from merge_engine.errors import RecipeError
-from merge_engine.recipe import ModelLeaf, Weighted, all_leaves, parse_recipe
+from merge_engine.methods import Weighted
+from merge_engine.recipe import ModelLeaf, all_leaves, parse_recipe
 
 torch.set_num_threads(1)
 SEEDS = Path(__file__).parent / "data" / "seed-recipes"

@@ -15,9 +15,9 @@ def t(*values):
 
 
 def test_methods_are_registered_plain_functions():
-    assert METHODS["uniform"] is uniform
-    assert METHODS["weighted"] is weighted
-    assert METHODS["add_difference"] is add_difference
+    assert METHODS["uniform"].fn is uniform and METHODS["uniform"].linear
+    assert METHODS["weighted"].fn is weighted
+    assert METHODS["add_difference"].fn is add_difference
 
 
 def test_uniform_weighted_add_difference_by_hand():
