@@ -9,7 +9,7 @@ unix = sys.platform != "win32"
 setup(ext_modules=[Extension(
     "merge_engine._kernels",
     ["merge_engine/_kernels.c"],
-    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"] if unix else ["/O2", "/fp:precise"],
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"] if unix else ["/O2", "/fp:precise"],
     libraries=["m"] if unix else [],
     optional=True,
 )])

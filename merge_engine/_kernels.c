@@ -377,7 +377,119 @@ static PyObject *guard_release(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* The counter-based uniform of seeded dropout (docs/METHODS.md): element e's 24-bit draw is
+   lowbias32(lowbias32(lo(e) ^ k0) ^ k1 ^ hi(e)) >> 8, the same whatever the chunking or device. */
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+PyDoc_STRVAR(uniform24_doc,
+"uniform24(out, n, start, k0, k1)\\n\\n"
+"Write the 24-bit dropout draws of elements [start, start + n) as int32 at address out.");
+
+static PyObject *uniform24(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long address, start;
+    Py_ssize_t n;
+    unsigned int k0, k1;
+    if (!PyArg_ParseTuple(args, "KnKII", &address, &n, &start, &k0, &k1)) return NULL;
+    int32_t *out = (int32_t *)(uintptr_t)address;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t j = 0; j < n; j++) {
+        uint64_t e = start + (uint64_t)j;
+        out[j] = (int32_t)(lowbias32(lowbias32((uint32_t)e ^ k0) ^ k1 ^ (uint32_t)(e >> 32)) >> 8);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(magnitude_histogram_doc,
+"magnitude_histogram(hist, values, n, select)\\n\\n"
+"Count the fp32 values at address values by the bits of their magnitude into the int64 bins at\\n"
+"hist: by the top 16 bits (select < 0, 32768 bins), or by the low 16 bits of those whose top 16\\n"
+"bits equal select (65536 bins). Two calls find the k-th smallest magnitude exactly.");
+
+static PyObject *magnitude_histogram(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long hist_address, values_address;
+    Py_ssize_t n;
+    long select;
+    if (!PyArg_ParseTuple(args, "KKnl", &hist_address, &values_address, &n, &select)) return NULL;
+    int64_t *hist = (int64_t *)(uintptr_t)hist_address;
+    const uint32_t *values = (const uint32_t *)(uintptr_t)values_address;
+    Py_BEGIN_ALLOW_THREADS
+    if (select < 0) {
+        for (Py_ssize_t j = 0; j < n; j++) hist[(values[j] & 0x7fffffffU) >> 16]++;
+    } else {
+        uint32_t top = (uint32_t)select;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint32_t bits = values[j] & 0x7fffffffU;
+            if ((bits >> 16) == top) hist[bits & 0xffffU]++;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(elect_merge_doc,
+"elect_merge(out, deltas, n_models, n, by_magnitude)\\n\\n"
+"TIES' election and disjoint mean over fp32 deltas (n_models rows of n, at address deltas):\\n"
+"the sign of the sum (by_magnitude) or of the sign count, then the mean of the deltas that agree\\n"
+"with it (0 where none does), written as fp32 at address out.");
+
+#define ELECT_BLOCK 1024
+
+static inline float sign_of(float v) { return (float)(v > 0.0f) - (float)(v < 0.0f); }
+
+/* Blocks of ELECT_BLOCK elements, each loop over the block's elements (so they vectorise): the
+   votes, then the agreeing sums and counts, then the means. Sums run in model order, as torch's. */
+static void elect_block(float *out, const float *d, Py_ssize_t models, Py_ssize_t n, Py_ssize_t from,
+                        Py_ssize_t count, int by_magnitude) {
+    float vote[ELECT_BLOCK], total[ELECT_BLOCK], agree[ELECT_BLOCK];
+    for (Py_ssize_t j = 0; j < count; j++) vote[j] = total[j] = agree[j] = 0.0f;
+    for (Py_ssize_t i = 0; i < models; i++) {
+        const float *row = d + i * n + from;
+        if (by_magnitude)
+            for (Py_ssize_t j = 0; j < count; j++) vote[j] += row[j];
+        else
+            for (Py_ssize_t j = 0; j < count; j++) vote[j] += sign_of(row[j]);
+    }
+    for (Py_ssize_t j = 0; j < count; j++) vote[j] = sign_of(vote[j]);
+    for (Py_ssize_t i = 0; i < models; i++) {
+        const float *row = d + i * n + from;
+        for (Py_ssize_t j = 0; j < count; j++) {
+            float same = sign_of(row[j]) == vote[j] ? 1.0f : 0.0f;
+            total[j] += row[j] * same;
+            agree[j] += same;
+        }
+    }
+    for (Py_ssize_t j = 0; j < count; j++) out[from + j] = agree[j] > 0.0f ? total[j] / agree[j] : 0.0f;
+}
+
+static PyObject *elect_merge(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long out_address, deltas_address;
+    Py_ssize_t models, n;
+    int by_magnitude;
+    if (!PyArg_ParseTuple(args, "KKnnp", &out_address, &deltas_address, &models, &n, &by_magnitude)) return NULL;
+    float *out = (float *)(uintptr_t)out_address;
+    const float *d = (const float *)(uintptr_t)deltas_address;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t from = 0; from < n; from += ELECT_BLOCK)
+        elect_block(out, d, models, n, from, n - from < ELECT_BLOCK ? n - from : ELECT_BLOCK, by_magnitude);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"magnitude_histogram", magnitude_histogram, METH_VARARGS, magnitude_histogram_doc},
+    {"elect_merge", elect_merge, METH_VARARGS, elect_merge_doc},
+    {"uniform24", uniform24, METH_VARARGS, uniform24_doc},
     {"weighted_sum", (PyCFunction)(void (*)(void))weighted_sum, METH_VARARGS | METH_KEYWORDS, weighted_sum_doc},
     {"guard_map", guard_map, METH_VARARGS, guard_map_doc},
     {"guard_faulted", guard_faulted, METH_VARARGS, guard_faulted_doc},

@@ -28,6 +28,7 @@ import torch
 from .accumulate import CpuAccumulator, DeviceAccumulator
 from .checkpoint import ITEMSIZE
 from .errors import InputChangedError, LayoutMismatchError, OptionsError, RecipeError, StorageError
+from .evaluate import KeyEvaluation
 from .hashing import sha256_fd
 from .output import ALIGN, BLOCK_BYTES, BlockWriter
 from .passes import Progress, StreamingPass, thread_count, torch_device
@@ -196,8 +197,8 @@ class _Run(StreamingPass):
         nearly every chunk is rounded straight into its block."""
         block = self.writer.block
         for key in self.plan.keys:
-            if key.kind == "integer" or key.numel == 0:
-                yield key, 0, key.numel, True
+            if key.kind == "integer" or key.numel == 0 or key.expression is not None:
+                yield key, 0, key.numel, True  # a non-linear key is one item: its passes run in order
                 continue
             step = self.chunk
             if self.on_cpu:  # the input mapped for one item stays the same size whatever the model count
@@ -220,6 +221,9 @@ class _Run(StreamingPass):
             if item is None:
                 return
             key, start, stop, last = item
+            if key.expression is not None:
+                self._nonlinear(key, accumulator)
+                continue
             size = ITEMSIZE[key.dtype]
             offset, nbytes = self.data_start + key.offset + start * size, (stop - start) * size
             into = self.writer.claim(offset, nbytes, size) if key.kind == "float" and self.on_cpu else None
@@ -230,6 +234,16 @@ class _Run(StreamingPass):
                 self.writer.put(offset, self._integer(key) if key.kind == "integer"
                                 else accumulator.sum_chunk(key, start, stop))
             self.advance((stop - start) * self._input_bytes_per_element(key), last)
+
+    def _nonlinear(self, key: KeyPlan, accumulator: CpuAccumulator) -> None:
+        evaluation = KeyEvaluation(self.plan, key, accumulator, self.acc_dtype, self.device, self.chunk,
+                                   self.check_finite)
+        base, per_element = self.data_start + key.offset, self._input_bytes_per_element(key)
+        for start, stop, data in evaluation.results(self.stop.is_set):
+            self.writer.put(base + start * ITEMSIZE[key.dtype], data)
+            self.advance((stop - start) * per_element, stop == key.numel)
+        if key.numel == 0:
+            self.advance(0, True)
 
     def _input_bytes_per_element(self, key: KeyPlan) -> int:
         return sum(ITEMSIZE[self.plan.inputs[t.input].checkpoint.tensors[t.key].dtype] for t in key.terms)

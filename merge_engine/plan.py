@@ -23,8 +23,18 @@ from .checkpoint import ITEMSIZE, Checkpoint, FileVersion, open_checkpoint
 from .errors import ArchitectureError, InputChangedError, LayoutMismatchError, ResolveError
 from .hashing import hash_fd, hash_version
 from .jsonsafe import try_loads
-from .methods import flatten
-from .recipe import COMPONENTS, Leaf, ModelLeaf, Recipe, all_leaves, canonical_json, rewrite_leaves
+from .methods import Applied, flatten
+from .recipe import (
+    COMPONENTS,
+    Leaf,
+    ModelLeaf,
+    Recipe,
+    Source,
+    all_leaves,
+    canonical_json,
+    iter_leaves,
+    rewrite_leaves,
+)
 
 OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 OPTIONAL_KEYS = ("position_ids",)  # files written by transformers >= 4.31 lack it
@@ -74,14 +84,45 @@ class Term:
 
 
 @dataclass(frozen=True)
+class Apply:
+    """A non-linear method over its inputs, each a `Sum` (or a list of them, or None)."""
+
+    method: str
+    params: tuple[tuple[str, Any], ...]
+    inputs: tuple[tuple[str, Sum | tuple[Sum, ...] | None], ...]
+
+    def describe(self) -> dict[str, Any]:
+        def one(value: Any) -> Any:
+            return [v.describe() for v in value] if isinstance(value, tuple) else (
+                None if value is None else value.describe())
+        return {"method": self.method, **dict(self.params), **{n: one(v) for n, v in self.inputs}}
+
+
+@dataclass(frozen=True)
+class Sum:
+    """sum(coefficient * part), a part being an input (its index in `Plan.inputs`) or an `Apply`:
+    how a key is evaluated where its component's recipe holds a non-linear method."""
+
+    parts: tuple[tuple[int | Apply, float], ...]
+
+    def describe(self) -> Any:
+        def one(part: int | Apply) -> Any:
+            return part.describe() if isinstance(part, Apply) else {"input": part}
+        if len(self.parts) == 1 and self.parts[0][1] == 1.0:
+            return one(self.parts[0][0])
+        return {"sum": [{"weight": c, **{"of": one(p)}} for p, c in self.parts]}
+
+
+@dataclass(frozen=True)
 class KeyPlan:
     key: str
     component: str  # a component name, or "other"
     dtype: str
     shape: tuple[int, ...]
     kind: str  # "float" (weighted sum, rounded once) or "integer" (copied, must agree)
-    terms: tuple[Term, ...]
+    terms: tuple[Term, ...]  # the weighted sum; for a non-linear key, each input it reads (coefficient 0)
     offset: int = 0  # from the start of the data section
+    expression: Sum | None = None  # set where the key is not one weighted sum of its inputs
 
     @property
     def numel(self) -> int:
@@ -100,11 +141,12 @@ class Plan:
     architecture: str | None
     variant: str | None
     inputs: tuple[PlannedInput, ...]
-    components: dict[str, tuple[tuple[int, Fraction], ...]]
+    components: dict[str, tuple[tuple[int, Fraction], ...]]  # weight 0 for a non-linear component's inputs
     keys: tuple[KeyPlan, ...]
     metadata: dict[str, str]
     header: bytes
     warnings: tuple[str, ...]
+    expressions: dict[str, Sum] = field(default_factory=dict)  # the non-linear components' evaluation
 
     @property
     def output_size(self) -> int:
@@ -124,14 +166,16 @@ class Plan:
         per_component: dict[str, dict[str, Any]] = {}
         for component, terms in self.components.items():
             keys = [k for k in self.keys if k.component == component]
+            expression = self.expressions.get(component)
             per_component[component] = {
                 "sources": [
                     {"model": self.inputs[i].name, "sha256": self.inputs[i].sha256,
-                     "weight": float(c), "exact_weight": str(c)}
+                     **({} if expression else {"weight": float(c), "exact_weight": str(c)})}
                     for i, c in terms
                 ],
                 "keys": len(keys),
                 "params": sum(k.numel for k in keys if k.kind == "float"),
+                **({"evaluation": expression.describe()} if expression else {}),
             }
         return {
             "name": self.recipe.name,
@@ -228,13 +272,15 @@ def _detect(checkpoint: Checkpoint) -> ModelInfo:
 def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, int]) -> Plan:
     warnings: list[str] = []
     architecture = _common_architecture(inputs)
-    merge_terms = _terms(flatten(recipe.merge), index_of)
+    merge_terms, merge_expression = _evaluation(recipe.merge, index_of)
     components: dict[str, tuple[tuple[int, Fraction], ...]] = {}
+    expressions: dict[str, Sum] = {}
     keys: list[KeyPlan] = []
     variant = None
     for component in COMPONENTS:
         named = component in recipe.components
-        terms = _terms(flatten(recipe.components[component]), index_of) if named else merge_terms
+        terms, expression = _evaluation(recipe.components[component], index_of) if named else (
+            merge_terms, merge_expression)
         have = [i for i, _ in terms if component in inputs[i].info.components]
         if not have and not named:
             continue  # no source of the default merge has this component: the output lacks it too
@@ -248,7 +294,9 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
         if component == "unet":
             variant = inputs[terms[0][0]].info.variant
         components[component] = terms
-        keys += _component_keys(recipe, architecture, component, inputs, terms)
+        if expression is not None:
+            expressions[component] = expression
+        keys += _component_keys(recipe, architecture, component, inputs, terms, expression)
     first = merge_terms[0][0]
     taken = {k.key for k in keys}
     for key in inputs[first].info.other:
@@ -271,7 +319,37 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
     recipe_hash = canonical.recipe_hash()
     metadata = _metadata(canonical, recipe_hash, inputs)
     return Plan(recipe, canonical, recipe_hash, architecture, variant, tuple(inputs), components,
-                tuple(keys), metadata, _header(metadata, keys), tuple(dict.fromkeys(warnings)))
+                tuple(keys), metadata, _header(metadata, keys), tuple(dict.fromkeys(warnings)), expressions)
+
+
+def _evaluation(source: Source, index_of: dict[Hashable, int]
+                ) -> tuple[tuple[tuple[int, Fraction], ...], Sum | None]:
+    """A component's source as exact leaf coefficients; where it holds a non-linear method, its
+    inputs (weight 0) and the `Sum` that evaluates it instead."""
+    flat = flatten(source)
+    if not any(isinstance(leaf, Applied) for leaf in flat):
+        return _terms(flat, index_of), None
+    used = dict.fromkeys(index_of[leaf] for leaf in iter_leaves(source))
+    return tuple((i, Fraction(0)) for i in used), _sum(flat, index_of)
+
+
+def _sum(flat: dict[Hashable, Fraction], index_of: dict[Hashable, int]) -> Sum:
+    parts: list[tuple[int | Apply, float]] = []
+    for (leaf, c) in [*_terms({k: v for k, v in flat.items() if not isinstance(k, Applied)}, index_of),
+                      *((k, v) for k, v in flat.items() if isinstance(k, Applied))]:
+        parts.append((_apply(leaf.node, index_of) if isinstance(leaf, Applied) else leaf, float(c)))
+    return Sum(tuple(parts))
+
+
+def _apply(node: Any, index_of: dict[Hashable, int]) -> Apply:
+    def compiled(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return tuple(_sum(flatten(v), index_of) for v in value)
+        return _sum(flatten(value), index_of)
+    inputs = tuple((name, compiled(getattr(node, name))) for name in node.INPUTS)
+    return Apply(node.method, tuple(node.params().items()), inputs)
 
 
 def _terms(flat: dict[Hashable, Fraction], index_of: dict[Hashable, int]) -> tuple[tuple[int, Fraction], ...]:
@@ -292,7 +370,8 @@ def _common_architecture(inputs: list[PlannedInput]) -> str | None:
 
 
 def _component_keys(recipe: Recipe, architecture: str | None, component: str,
-                    inputs: list[PlannedInput], terms: tuple[tuple[int, Fraction], ...]) -> list[KeyPlan]:
+                    inputs: list[PlannedInput], terms: tuple[tuple[int, Fraction], ...],
+                    expression: Sum | None = None) -> list[KeyPlan]:
     ref = inputs[terms[0][0]]
     ref_keys = set(ref.info.components[component])
     for i, _ in terms[1:]:
@@ -327,7 +406,11 @@ def _component_keys(recipe: Recipe, architecture: str | None, component: str,
         if first.is_float:
             dtype = native_dtype(architecture, key) or out_dtype
             terms_out = tuple(Term(i, fk, weight[i]) for i, _, fk in infos)
-            plans.append(KeyPlan(key, component, dtype, first.shape, "float", terms_out))
+            if expression is not None and len(infos) < len(terms):
+                missing = next(i for i, _ in terms if i not in {j for j, _, _ in infos})
+                raise LayoutMismatchError("key missing here but present in the other sources of a non-linear method",
+                                          model=inputs[missing].name, component=component, key=key)
+            plans.append(KeyPlan(key, component, dtype, first.shape, "float", terms_out, 0, expression))
         else:  # integers are copied, never averaged; every source must agree
             plans.append(KeyPlan(key, component, first.dtype, first.shape, "integer",
                                  tuple(Term(i, fk, 1.0) for i, _, fk in infos)))
@@ -337,7 +420,7 @@ def _component_keys(recipe: Recipe, architecture: str | None, component: str,
 def _lay_out(keys: list[KeyPlan]) -> list[KeyPlan]:
     out, offset = [], 0
     for k in keys:
-        out.append(KeyPlan(k.key, k.component, k.dtype, k.shape, k.kind, k.terms, offset))
+        out.append(KeyPlan(k.key, k.component, k.dtype, k.shape, k.kind, k.terms, offset, k.expression))
         offset += k.nbytes
     return out
 

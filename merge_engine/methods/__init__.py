@@ -1,5 +1,6 @@
 """Merge methods: one registry entry each (methods.registry), linear ones flattening to exact
-weighted sums (methods.linear). Importing this package does not import torch."""
+weighted sums (methods.linear), non-linear ones streamed per tensor (methods.nonlinear, whose
+programs live in methods.programs). Importing this package does not import torch."""
 
 from .linear import (
     AddDifference,
@@ -16,10 +17,26 @@ from .linear import (
     uniform,
     weighted,
 )
+from .nonlinear import (
+    Dare,
+    Della,
+    GeometricMedian,
+    ModelStock,
+    Slerp,
+    Ties,
+    dare,
+    della,
+    geometric_median,
+    model_stock,
+    slerp,
+    ties,
+)
 from .registry import METHODS, Method, MethodNode, merge_method
 
 __all__ = [
     "METHODS", "Method", "MethodNode", "merge_method", "LinearForm", "Applied", "exact", "flatten",
     "Uniform", "Weighted", "WeightedInput", "AddDifference", "TaskArithmetic",
+    "Ties", "Della", "Dare", "GeometricMedian", "ModelStock", "Slerp",
     "uniform", "weighted", "add_difference", "task_arithmetic",
+    "ties", "della", "dare", "geometric_median", "model_stock", "slerp",
 ]
