@@ -202,3 +202,34 @@ def test_reaper_resends_lost_messages_and_requeues_lapsed_leases(client, run_tas
     for job in (lost, crashed):
         assert client.get(f"/merges/{job['id']}").json()["status"] == "succeeded"
     assert client.get(f"/merges/{crashed['id']}").json()["attempts"] == 2
+
+
+def test_a_ties_unet_with_a_uniform_text_encoder_through_the_api(client, run_tasks, ready_model):
+    for seed, name in ((1, "base"), (2, "b"), (3, "c")):
+        ready_model(f"sd2-{seed}.safetensors", name)
+    recipe = {"name": "ties-mix",
+              "merge": {"method": "ties", "base": "base", "models": ["b", "c"], "k": 0.5, "vote_sgn": True},
+              "components": {"text_encoder": {"method": "uniform", "models": ["b", "c"]}}}
+    planned = client.post("/merges/plan", json=recipe)
+    assert planned.status_code == 200, planned.text
+    assert planned.json()["components"]["unet"]["evaluation"]["method"] == "ties"
+    job = client.post("/merges", json=recipe).json()
+    assert run_tasks() == ["sdmerge.merge"]
+    job = client.get(f"/merges/{job['id']}").json()
+    assert job["status"] == "succeeded", job
+    metadata = client.get(f"/artifacts/{job['artifact']['id']}/metadata").json()
+    stored = json.loads(metadata["sdmerge_recipe"])
+    assert stored["merge"]["method"] == "ties" and stored["merge"]["k"] == 0.5
+    assert stored["components"]["text_encoder"]["method"] == "uniform"
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"method": "ties", "base": "a", "models": ["b"], "k": 1.5}, "merge.ties.k"),
+    ({"method": "dare", "base": "a", "models": ["b"], "probability": -1}, "merge.dare.probability"),
+    ({"method": "geometric_median", "models": ["a"], "maxiter": -3}, "merge.geometric_median.maxiter"),
+])
+def test_a_method_parameter_out_of_range_is_a_422_naming_method_and_field(client, body, field):
+    response = client.post("/merges", json={"merge": body})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_recipe" and field in error["message"]
