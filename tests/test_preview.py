@@ -244,6 +244,18 @@ def test_an_in_memory_recipe_equals_the_same_recipe_merged_to_disk(models, tmp_p
     assert f"Model hash: {recipe_hash[:10]}" in in_memory.images[0].infotext
 
 
+def test_an_in_memory_ties_recipe_equals_the_same_recipe_merged_to_disk(models, tmp_path):
+    recipe = {"name": "ties-mix", "merge": {"method": "ties", "base": "sd2-0.safetensors", "k": 0.5,
+                                            "models": ["sd2-1.safetensors", "sd2-te-7.safetensors"]},
+              "components": {"unet": {"method": "dare", "base": "sd2-0.safetensors", "models": ["sd2-1.safetensors"],
+                                      "probability": 0.5, "seed": 4}, "vae": "sd2-1.safetensors"}}
+    merge(plan(parse_recipe(recipe), FileResolver(models)), tmp_path / "ties-mix.safetensors")
+    sampling = Sampling(prompts=("a cat",), seeds=(3,), **SMALL)
+    in_memory = render_previews([target(models, recipe, "mix")], sampling, tmp_path / "mem")
+    on_disk = render_previews([target(tmp_path, "ties-mix.safetensors", "mix")], sampling, tmp_path / "disk")
+    assert np.array_equal(pixels(in_memory)[0], pixels(on_disk)[0])
+
+
 def test_a_text_encoder_swap_rewrites_only_the_text_encoder(models):
     resolver = FileResolver(models)
     base = plan(parse_recipe({"merge": "sd2-0.safetensors"}), resolver)

@@ -15,6 +15,7 @@ models whose coefficients differ, not of all of them.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter, deque
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from merge_engine.accumulate import CpuAccumulator, add_term
+from merge_engine.evaluate import KeyEvaluation
 from merge_engine.architecture import layout
 from merge_engine.checkpoint import ITEMSIZE, torch_dtype
 from merge_engine.errors import CheckpointError, MergeCancelled
@@ -44,6 +46,10 @@ def fingerprint(plan: Plan, component: str, keys: list[KeyPlan], exact_copy: boo
     """Where a component's weights come from: its inputs (by sha256) and exact weights, and the
     dtype they are rounded to, or "stored" where they are an input's own bytes (see `_merged`)."""
     terms = tuple((plan.inputs[i].sha256, str(c)) for i, c in plan.components[component])
+    if component in plan.expressions:  # a non-linear method: its canonical source says it all
+        canonical = plan.canonical_recipe
+        source = canonical.components.get(component, canonical.merge)
+        terms += (json.dumps(source if isinstance(source, str) else source.model_dump(mode="json"), sort_keys=True),)
     stored = exact_copy or all(_is_copy(plan, key) for key in keys)
     output = plan.recipe.output
     return component, terms, "stored" if stored else (output.dtype, output.accumulate)
@@ -54,6 +60,8 @@ def _is_copy(plan: Plan, key: KeyPlan) -> bool:
     would give back the stored bytes, so they are used as they are."""
     term = key.terms[0]
     stored = plan.inputs[term.input].checkpoint.tensors[term.key].dtype
+    if key.expression is not None:
+        return False
     return key.kind == "integer" or (len(key.terms) == 1 and term.coefficient == 1 and stored == key.dtype)
 
 
@@ -201,6 +209,14 @@ def _merged(plan: Plan, key: KeyPlan, accumulator: CpuAccumulator, staging: torc
             exact_copy: bool) -> torch.Tensor:
     """The whole tensor for `key`: the stored tensor for an exact copy, else the engine's sum."""
     term = key.terms[0]
+    if key.expression is not None:  # a non-linear method, evaluated as the merge does
+        out = torch.empty(key.numel, dtype=torch_dtype(key.dtype))
+        flat, size = out.view(torch.uint8), out.element_size()
+        evaluation = KeyEvaluation(plan, key, accumulator, accumulator.acc.dtype, torch.device("cpu"), CHUNK,
+                                   plan.recipe.output.non_finite == "error")
+        for start, stop, data in evaluation.results():
+            flat[start * size: stop * size] = data
+        return out
     if exact_copy or _is_copy(plan, key):
         # The stored tensor itself; for a one-term recipe of the same dtype the engine's widen
         # and round would give back these very bytes.
@@ -251,7 +267,8 @@ class Anchor:
 
     def derivation(self, plan: Plan, component: str) -> _Derivation | None:
         """How `plan`'s component follows from the anchor's, or None if it is no cheaper."""
-        if plan.recipe.output.accumulate != "fp64" or component not in self.plan.components:
+        if (plan.recipe.output.accumulate != "fp64" or component not in self.plan.components
+                or component in plan.expressions or component in self.plan.expressions):
             return None
         full = _by_sha(self.plan, component)
         variant = _by_sha(plan, component)
