@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from merge_engine.accumulate import CpuAccumulator, add_term
-from merge_engine.evaluate import KeyEvaluation
 from merge_engine.architecture import layout
 from merge_engine.checkpoint import ITEMSIZE, torch_dtype
 from merge_engine.errors import CheckpointError, MergeCancelled
+from merge_engine.evaluate import KeyEvaluation
 from merge_engine.plan import KeyPlan, Plan
 from merge_engine.preview.models import ComponentModule, build_component, check_complete
 from merge_engine.preview.prompt import apply_emphasis, tokenize_weighted
