@@ -105,7 +105,8 @@ class TaskVectors(Program):
         p, n = self.p, self.counts["models"]
         self.n = n
         self.probability = p.get("probability", 0.0)
-        self.della_eps = p.get("della_eps", 0.0)
+        # probability 1 drops everything, whatever della_eps says (as sd-mecha)
+        self.della_eps = p.get("della_eps", 0.0) if self.probability < 1 else 0.0
         self.drop = self.probability > 0 or self.della_eps != 0
         self.k = p.get("k", 1.0)
         self.vote = method != "dare"
@@ -257,7 +258,8 @@ def stock_ratio(g: torch.Tensor, cos_eps: float) -> float:
     cos = g / torch.clamp(norms[:, None] * norms[None, :], min=cos_eps)
     pairs = torch.triu_indices(n, n, offset=1)
     mean = float(cos[pairs[0], pairs[1]].mean())
-    return n * mean / (1 + (n - 1) * mean)
+    denominator = 1 + (n - 1) * mean
+    return n * mean / denominator if denominator != 0 else 0.0  # opposite deltas: nothing shared (as sd-mecha's nan_to_num)
 
 
 class _Gram(Program):
