@@ -191,6 +191,10 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"recipe {summary['name'] or '(unnamed)'}  {summary['architecture']}  hash {summary['recipe_hash'][:12]}")
     for component, info in summary["components"].items():
         print(f"  {component}: {info['keys']} keys, {info['params']:,} params from")
+        if "evaluation" in info:
+            names = [i["name"] for i in summary["inputs"]]
+            print(f"    {_evaluation_text(info['evaluation'], names)}")
+            continue
         for source in info["sources"]:
             print(f"    {source['weight']:+.6f}  {source['model']}  ({source['exact_weight']})")
     out = summary["output"]
@@ -198,6 +202,22 @@ def _plan(args: argparse.Namespace) -> int:
     for warning in summary["warnings"]:
         print(f"  warning: {warning}")
     return 0
+
+
+def _evaluation_text(node: Any, names: list[str]) -> str:
+    """A non-linear component's evaluation on one line: ties(k=0.2, …; base=a, models=[b, c])."""
+    if isinstance(node, list):
+        return "[" + ", ".join(_evaluation_text(n, names) for n in node) + "]"
+    if not isinstance(node, dict):
+        return "-" if node is None else str(node)
+    if "input" in node:
+        return names[node["input"]]
+    if "sum" in node:
+        return " + ".join(f"{t['weight']:.6g}*{_evaluation_text(t['of'], names)}" for t in node["sum"])
+    inputs = {k: v for k, v in node.items() if k != "method" and (isinstance(v, list | dict) or v is None)}
+    params = ", ".join(f"{k}={v}" for k, v in node.items() if k != "method" and k not in inputs)
+    sources = "; ".join(f"{k}={_evaluation_text(v, names)}" for k, v in inputs.items() if v is not None)
+    return f"{node['method']}({params}; {sources})"
 
 
 def _inspect(args: argparse.Namespace) -> int:

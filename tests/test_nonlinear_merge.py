@@ -180,3 +180,15 @@ def test_native_kernels_and_torch_path_write_the_same_file(name, models, tmp_pat
     portable = tmp_path / "torch.safetensors"
     run(recipe, tmp_path, portable, chunk_elements=CHUNK)
     assert native.read_bytes() == portable.read_bytes()
+
+
+def test_cli_plan_shows_a_non_linear_evaluation_in_words(models, tmp_path):
+    recipe = tmp_path / "ties.json"
+    recipe.write_text(json.dumps({"merge": node("ties", {"k": 0.5}, models),
+                                  "components": {"vae": str(models[1])}}))
+    done = subprocess.run([sys.executable, "-m", "merge_engine.cli", "plan", str(recipe)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "ties(k=0.5" in done.stdout and "base=m0.safetensors" in done.stdout
+    assert "models=[m1.safetensors, m2.safetensors, m3.safetensors]" in done.stdout
+    assert "+1.000000  m1.safetensors" in done.stdout  # the VAE, a plain copy

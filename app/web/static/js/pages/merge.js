@@ -103,5 +103,6 @@ function planView(plan) {
       h("thead", {}, h("tr", {}, h("th", {}, "Component"), h("th", {}, "Model"), h("th", {}, "sha256"), h("th", { class: "num" }, "Weight"), h("th", {}, "Exact"))),
       h("tbody", {}, Object.entries(plan.components).flatMap(([component, c]) => c.sources.map((s, n) => h("tr", {},
         h("td", {}, n ? "" : `${component} (${c.keys} keys)`), h("td", {}, s.model), h("td", {}, h("code", {}, (s.sha256 || "").slice(0, 10))),
-        h("td", { class: "num" }, s.weight.toPrecision(6)), h("td", {}, h("code", {}, s.exact_weight))))))));
+        h("td", { class: "num" }, s.weight === undefined ? "" : s.weight.toPrecision(6)),
+        h("td", {}, s.weight === undefined ? (n ? "" : h("code", {}, `${c.evaluation.method} (per tensor)`)) : h("code", {}, s.exact_weight))))))));
 }
