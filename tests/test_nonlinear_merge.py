@@ -189,6 +189,6 @@ def test_cli_plan_shows_a_non_linear_evaluation_in_words(models, tmp_path):
     done = subprocess.run([sys.executable, "-m", "merge_engine.cli", "plan", str(recipe)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "ties(k=0.5" in done.stdout and "base=m0.safetensors" in done.stdout
+    assert "ties(alpha=1.0, k=0.5, vote_sgn=False" in done.stdout and "base=m0.safetensors" in done.stdout
     assert "models=[m1.safetensors, m2.safetensors, m3.safetensors]" in done.stdout
     assert "+1.000000  m1.safetensors" in done.stdout  # the VAE, a plain copy
