@@ -5,6 +5,7 @@ are its alone:
 
     .venv/bin/python bench/competitors.py reference OUT.safetensors IN.safetensors...
     /tmp/mecha-venv/bin/python bench/competitors.py mecha CONFIG.json OUT.safetensors IN...
+    /tmp/mecha-venv/bin/python bench/methods_bench.py _mecha ...   (mecha_method, for methods_bench.py)
     .venv/bin/python bench/competitors.py compare A.safetensors B.safetensors
 
 Imports live inside the functions: the sd-mecha environment has neither sdmerge nor its
@@ -59,6 +60,81 @@ def mecha_merge(config_path: str, output: str, inputs: list[str]) -> None:
     model_configs.register(model_configs.ModelConfigImpl(spec["identifier"], components))
     models = [sd_mecha.model(path, config=spec["identifier"]) for path in inputs]
     sd_mecha.merge(sd_mecha.n_average(*models), output=output, output_dtype=torch.float16)
+
+
+def mecha_method(config_path: str, method: str, output: str, base: str | None, inputs: list[str],
+                 params: dict, device: str = "cpu") -> None:
+    """sd-mecha's counterpart of one sdmerge method (methods_bench.py), on the SD2 config above.
+
+    ties:    add_difference(base, ties_sum(*(subtract(m, base)), k, vote_sgn), alpha)
+    dare:    variant "each" (default, sdmerge's `dare` exactly but for the random draws):
+             add_difference(base, n_average(*(dropout(subtract(m_i, base), probability, rescale=1,
+             seed=seed+i))), alpha * N): a one-delta `dropout` is m_i d_i / (1 - p), n_average divides
+             by N, so the result is b + alpha * sum(m_i d_i) / (1 - p);
+             variant "dropout": sd-mecha's N-way `dropout` (n-supermario: kept deltas averaged over
+             the models that kept them, then / (1 - p)); variant "ties": ties_sum_with_dropout with
+             k=1 (no top-k) and apply_stock=True (which in sd-mecha 1.1.x means *no* model stock),
+             i.e. DARE + TIES sign election and disjoint mean.
+    median:  geometric_median(*models, eps, maxiter, ftol)
+    uniform: n_average(*models)
+    Everything else is sd-mecha's default (fp32 merge dtype, its threads and buffers); fp16
+    output, fsynced here before the process exits so its wall time includes making it durable.
+    """
+    import os
+
+    import sd_mecha
+    import torch
+    from sd_mecha.extensions import model_configs
+    from sd_mecha.extensions.builtin.merge_methods import linear, ties
+
+    with open(config_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    components = {
+        name: model_configs.ModelComponent({key: {"shape": shape, "dtype": dtype}
+                                            for key, (shape, dtype) in keys.items()})
+        for name, keys in spec["components"].items()
+    }
+    model_configs.register(model_configs.ModelConfigImpl(spec["identifier"], components))
+    models = [sd_mecha.model(path, config=spec["identifier"]) for path in inputs]
+    b = sd_mecha.model(base, config=spec["identifier"]) if base else None
+    # the merge methods themselves, not sd_mecha's top-level wrappers (its `dropout` wrapper takes
+    # no `rescale`, its `add_difference` wrapper cannot take a ties_sum node as its delta)
+    if method == "ties":
+        deltas = [linear.subtract(m, b) for m in models]
+        recipe = linear.add_difference(b, ties.ties_sum(*deltas, k=params.get("k", 0.2),
+                                                        vote_sgn=params.get("vote_sgn", False)),
+                                       alpha=params.get("alpha", 1.0))
+    elif method == "dare":
+        p, seed, alpha = params.get("probability", 0.9), params.get("seed", 0), params.get("alpha", 1.0)
+        rescale, variant = params.get("rescale", True), params.get("variant", "each")
+        deltas = [linear.subtract(m, b) for m in models]
+        if variant == "each":
+            dropped = [ties.dropout(d, probability=p, rescale=1.0 if rescale else 0.0, seed=seed + i)
+                       for i, d in enumerate(deltas)]
+            recipe = linear.add_difference(b, linear.n_average(*dropped), alpha=alpha * len(models))
+        elif variant == "dropout":
+            merged = ties.dropout(*deltas, probability=p, rescale=1.0 if rescale else 0.0, seed=seed)
+            recipe = linear.add_difference(b, merged, alpha=alpha)
+        elif variant == "ties":
+            merged = ties.ties_sum_with_dropout(*deltas, probability=p, rescale=rescale, k=1.0,
+                                                apply_stock=True, seed=seed)
+            recipe = linear.add_difference(b, merged, alpha=alpha)
+        else:
+            raise ValueError(f"unknown dare variant {variant!r}: each, dropout or ties")
+    elif method == "median":
+        recipe = ties.geometric_median(*models, eps=params.get("eps", 1e-6),
+                                       maxiter=params.get("maxiter", 100), ftol=params.get("ftol", 1e-20))
+    elif method == "uniform":
+        recipe = linear.n_average(*models)
+    else:
+        raise ValueError(f"unknown method {method!r}: ties, dare, median or uniform")
+    sd_mecha.merge(recipe, output=output, output_dtype=torch.float16, merge_dtype=torch.float32,
+                   merge_device=device)
+    fd = os.open(output, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def compare(path_a: str, path_b: str) -> dict:

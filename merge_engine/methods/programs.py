@@ -181,10 +181,10 @@ class TaskVectors(Program):
                     continue
                 bits = magnitudes.abs().view(torch.int32)
                 if stage == "coarse":
-                    self.coarse[i] += torch.bincount((bits >> 16).cpu(), minlength=COARSE_BINS)[:COARSE_BINS]
+                    self.coarse[i] += torch.bincount(bits >> 16, minlength=COARSE_BINS)[:COARSE_BINS].cpu()
                 else:
                     inside = bits[(bits >> 16) == int(self.bin[i])] & 0xFFFF
-                    self.fine[i] += torch.bincount(inside.cpu(), minlength=FINE_BINS)
+                    self.fine[i] += torch.bincount(inside, minlength=FINE_BINS).cpu()
         else:
             filtered, _ = self.elected(self.selected(x, start, stop))
             points = filtered - filtered[:1] if self.combine == "median" else filtered
