@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 
 from .accumulate import CpuAccumulator
+from .checkpoint import ITEMSIZE
 from .errors import MergeCancelled, NonFiniteError
 from .methods.programs import PROGRAMS, Inputs, Program
 from .plan import Apply, KeyPlan, Plan, Sum, Term
@@ -27,13 +28,15 @@ TEMPORARIES = 6  # working copies a method makes of its stacked inputs
 
 class KeyEvaluation:
     def __init__(self, plan: Plan, key: KeyPlan, accumulator: CpuAccumulator, dtype: torch.dtype,
-                 device: torch.device, chunk: int, check_finite: bool):
-        self.plan, self.key, self.accumulator = plan, key, accumulator
+                 device: torch.device, chunk: int, check_finite: bool,
+                 reread: Callable[[int], None] = lambda nbytes: None):
+        self.plan, self.key, self.accumulator, self.reread = plan, key, accumulator, reread
         self.dtype, self.device, self.check_finite = dtype, device, check_finite
         self.files = {t.input: t.key for t in key.terms}
         width = torch.finfo(dtype).bits // 8
         self.chunk = max(1 << 12, min(chunk, WORKING_BYTES // (width * TEMPORARIES * max(1, len(self.files)))))
         self.staging = torch.empty(self.chunk * 8, dtype=torch.uint8)
+        self.input_bytes = sum(ITEMSIZE[plan.inputs[t.input].checkpoint.tensors[t.key].dtype] for t in key.terms)
         self.programs: dict[int, Program] = {}
         self.checked: set[tuple[int, int]] = set()  # (input, chunk start) found finite
         self._build(key.expression)
@@ -72,6 +75,7 @@ class KeyEvaluation:
                         raise MergeCancelled("the merge was stopped")
                     program.gather(index, start, stop, self._inputs(part, start, stop))
                     self._check_intact()
+                    self.reread((stop - start) * self.input_bytes)
                 program.end_pass(index)
 
     # -- values ------------------------------------------------------------------------------------

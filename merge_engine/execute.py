@@ -237,7 +237,7 @@ class _Run(StreamingPass):
 
     def _nonlinear(self, key: KeyPlan, accumulator: CpuAccumulator) -> None:
         evaluation = KeyEvaluation(self.plan, key, accumulator, self.acc_dtype, self.device, self.chunk,
-                                   self.check_finite)
+                                   self.check_finite, self.reread)
         base, per_element = self.data_start + key.offset, self._input_bytes_per_element(key)
         for start, stop, data in evaluation.results(self.stop.is_set):
             self.writer.put(base + start * ITEMSIZE[key.dtype], data)

@@ -63,6 +63,7 @@ class StreamingPass:
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.error: BaseException | None = None
         self.bytes_read = self.swept = self.tensors_done = 0
+        self.touched = 0  # bytes read, re-reads by multi-pass methods included: what the mappings hold
         self.started = time.perf_counter()
 
     def work(self, index: int) -> None:
@@ -99,9 +100,15 @@ class StreamingPass:
         with self.lock:
             self.bytes_read += nbytes
             self.tensors_done += tensor_done
-            sweep = self.bytes_read - self.swept >= SWEEP_BYTES
+        self.reread(nbytes)
+
+    def reread(self, nbytes: int) -> None:
+        """`nbytes` more read through the mappings (progress or not): unmap every SWEEP_BYTES."""
+        with self.lock:
+            self.touched += nbytes
+            sweep = self.touched - self.swept >= SWEEP_BYTES
             if sweep:
-                self.swept = self.bytes_read
+                self.swept = self.touched
         if sweep:
             for checkpoint in self.checkpoints:
                 checkpoint.release()
