@@ -13,4 +13,5 @@ export PYTHONUNBUFFERED=1 SDMERGE_HASH_CACHE=/tmp/sdmerge-hashes.sqlite3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 python3 bench/preview_bench.py --cache-dir /tmp/preview-cache --json "$out/preview.json" 2>&1 | grep -v -i deprecat | tee "$out/preview.log"
+python3 -m pytest -q -p no:cacheprovider tests/test_nonlinear_merge.py -k gpu 2>&1 | tail -5 | tee "$out/nonlinear_gpu.log"
 python3 bench/gpu_merge_bench.py --n 4 --cache-dir /tmp/gpu-merge --json "$out/gpu_merge.json" 2>&1 | tee "$out/gpu_merge.log"

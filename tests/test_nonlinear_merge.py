@@ -192,3 +192,13 @@ def test_cli_plan_shows_a_non_linear_evaluation_in_words(models, tmp_path):
     assert "ties(alpha=1.0, k=0.5, vote_sgn=False" in done.stdout and "base=m0.safetensors" in done.stdout
     assert "models=[m1.safetensors, m2.safetensors, m3.safetensors]" in done.stdout
     assert "+1.000000  m1.safetensors" in done.stdout  # the VAE, a plain copy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it)")
+@pytest.mark.parametrize("name", ["ties", "dare", "della", "tgmd", "geometric_median", "model_stock"])
+def test_a_gpu_merge_equals_the_cpu_merge(name, models, tmp_path):
+    recipe = {"merge": node(name, CASES[name][0], models), "output": {"dtype": "fp32"}}
+    cpu = run(recipe, tmp_path, tmp_path / "cpu.safetensors")
+    gpu = run(recipe, tmp_path, tmp_path / "gpu.safetensors", device="cuda")
+    for key, value in cpu.items():  # the same masks and thresholds; sums in another order
+        assert torch.allclose(value.double(), gpu[key].double(), rtol=1e-5, atol=1e-6), key
