@@ -37,16 +37,30 @@ GiB, MiB = 1 << 30, 1 << 20
 # ---- the wrapper: one fresh small process per measured run -------------------------------
 
 def _measure(argv: list[str]) -> int:
-    """`_measure LOG -- CMD...`: run CMD, print wall/cpu/maxrss JSON for that child alone."""
+    """`_measure LOG [OUTPUT] -- CMD...`: run CMD; print wall/cpu/maxrss JSON for that child alone,
+    and, given OUTPUT, when a file named like it (OUTPUT itself or sdmerge's `.NAME.*.partial`) appeared."""
     log, cmd = argv[0], argv[argv.index("--") + 1:]
+    output = Path(argv[1]) if argv[1] != "--" else None
     peaks = {"RssAnon": 0, "RssFile": 0}
+    opened: list[float] = []
     done = threading.Event()
     with open(log, "wb") as out:
         started = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
         def sample() -> None:  # anon vs file-backed split: mmap'd inputs count in ru_maxrss
-            while not done.wait(0.02):
+            tick = 0
+            while not done.wait(0.005):
+                if output is not None and not opened:
+                    try:
+                        if any(name == output.name or name.startswith(f".{output.name}.")
+                               for name in os.listdir(output.parent)):
+                            opened.append(time.perf_counter() - started)
+                    except OSError:
+                        pass
+                tick += 1
+                if tick % 4:
+                    continue
                 try:
                     with open(f"/proc/{child.pid}/status") as f:
                         for line in f:
@@ -60,11 +74,11 @@ def _measure(argv: list[str]) -> int:
         sampler.start()
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - started
-        child.returncode = os.waitstatus_to_exitcode(status)
         done.set()
-    print(json.dumps({"rc": child.returncode, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-                      "maxrss_mib": usage.ru_maxrss / 1024, "peak_anon_mib": peaks["RssAnon"] / 1024,
-                      "peak_file_mib": peaks["RssFile"] / 1024}))
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall_s": wall,
+                      "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_mib": usage.ru_maxrss / 1024,
+                      "peak_anon_mib": peaks["RssAnon"] / 1024, "peak_file_mib": peaks["RssFile"] / 1024,
+                      "output_opened_s": opened[0] if opened else None}))
     return 0
 
 
