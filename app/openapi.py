@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from app.auth import OPEN_PATHS
 from app.schemas import ErrorOut
-from merge_engine.recipe import Recipe
+from merge_engine.recipe import Recipe, recipe_schema
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorOut"}
 READS = frozenset({"get", "head"})
@@ -63,7 +63,8 @@ def build(app: FastAPI) -> dict[str, Any]:
     spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(_component_schemas(ErrorOut))
-    schemas.update(_component_schemas(Recipe))
+    recipe = recipe_schema(ref_template="#/components/schemas/{model}")
+    schemas.update({**recipe.pop("$defs"), Recipe.__name__: recipe})
     schemas["A1111Metadata"] = A1111_METADATA
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)

@@ -248,5 +248,25 @@ def rewrite_leaves(recipe: Recipe, fn: Callable[[Leaf], Any]) -> Recipe:
     return Recipe.model_validate(data)
 
 
-def recipe_schema() -> dict[str, Any]:
-    return Recipe.model_json_schema()
+def recipe_schema(ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
+    """The recipe's JSON Schema, its source union named once (`Source`) and referenced from every
+    method's inputs: inlined, each of a dozen recursive members expands into every other, and
+    documentation renderers (ReDoc) never finish."""
+    schema = Recipe.model_json_schema(ref_template=ref_template)
+    union = schema["properties"]["merge"]
+    ref = {"$ref": ref_template.format(model="Source")}
+    members = union["oneOf"]
+
+    def named(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("oneOf") == members:
+                return {**ref, **{k: v for k, v in node.items() if k in ("title", "description")}}
+            return {k: named(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [named(v) for v in node]
+        return node
+
+    schema = named(schema)
+    schema["$defs"]["Source"] = {"title": "Source", "oneOf": members,
+                                 "description": "a model reference, a {sha256, name} leaf, or a method over sources"}
+    return schema
