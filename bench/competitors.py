@@ -48,16 +48,8 @@ def mecha_merge(config_path: str, output: str, inputs: list[str]) -> None:
     """
     import sd_mecha
     import torch
-    from sd_mecha.extensions import model_configs
 
-    with open(config_path, encoding="utf-8") as f:
-        spec = json.load(f)
-    components = {
-        name: model_configs.ModelComponent({key: {"shape": shape, "dtype": dtype}
-                                            for key, (shape, dtype) in keys.items()})
-        for name, keys in spec["components"].items()
-    }
-    model_configs.register(model_configs.ModelConfigImpl(spec["identifier"], components))
+    spec = _register_config(config_path)
     models = [sd_mecha.model(path, config=spec["identifier"]) for path in inputs]
     sd_mecha.merge(sd_mecha.n_average(*models), output=output, output_dtype=torch.float16)
 
@@ -84,17 +76,9 @@ def mecha_method(config_path: str, method: str, output: str, base: str | None, i
 
     import sd_mecha
     import torch
-    from sd_mecha.extensions import model_configs
     from sd_mecha.extensions.builtin.merge_methods import linear, ties
 
-    with open(config_path, encoding="utf-8") as f:
-        spec = json.load(f)
-    components = {
-        name: model_configs.ModelComponent({key: {"shape": shape, "dtype": dtype}
-                                            for key, (shape, dtype) in keys.items()})
-        for name, keys in spec["components"].items()
-    }
-    model_configs.register(model_configs.ModelConfigImpl(spec["identifier"], components))
+    spec = _register_config(config_path)
     models = [sd_mecha.model(path, config=spec["identifier"]) for path in inputs]
     b = sd_mecha.model(base, config=spec["identifier"]) if base else None
     # the merge methods themselves, not sd_mecha's top-level wrappers (its `dropout` wrapper takes
@@ -135,6 +119,21 @@ def mecha_method(config_path: str, method: str, output: str, base: str | None, i
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _register_config(config_path: str) -> dict:
+    """Register the SD2 model config merge_bench.py wrote with sd-mecha; returns its spec."""
+    from sd_mecha.extensions import model_configs
+
+    with open(config_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    components = {
+        name: model_configs.ModelComponent({key: {"shape": shape, "dtype": dtype}
+                                            for key, (shape, dtype) in keys.items()})
+        for name, keys in spec["components"].items()
+    }
+    model_configs.register(model_configs.ModelConfigImpl(spec["identifier"], components))
+    return spec
 
 
 def compare(path_a: str, path_b: str) -> dict:
