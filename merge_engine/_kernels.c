@@ -10,27 +10,11 @@
    Sources and output are fp16, bf16 or fp32. On x86 CPUs with AVX2, FMA and F16C (2013 on), a
    vector version is chosen at run time; elsewhere a portable one gives the same results.
 
-   Also here: the guard that lets inputs be read through a memory mapping safely (see below). */
+   Also here: the guard that lets inputs be read through a memory mapping safely (see below).
+   The non-linear methods' kernels are in _methods.c. */
 
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
+#include "_kernels.h"
 
-#ifndef _WIN32
-#define HAVE_GUARD 1
-#include <signal.h>
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define HAVE_X86_VECTOR 1
-#include <immintrin.h>
-#endif
-
-enum { KIND_F16 = 0, KIND_BF16 = 1, KIND_F32 = 2 };
 #define BLOCK 1024
 
 typedef struct {
@@ -38,54 +22,6 @@ typedef struct {
     int kind;
     float coefficient;
 } term_t;
-
-/* ---- exact scalar conversions (tails, and the portable version) ---- */
-
-static inline float from_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
-static inline uint32_t to_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
-
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-    if (exponent == 0x1f) return from_bits(sign | 0x7f800000 | (mantissa << 13)); /* Inf, NaN */
-    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24, exact */
-        float v = (float)mantissa * 5.9604644775390625e-8f;
-        return sign ? -v : v;
-    }
-    return from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
-}
-
-static inline uint16_t f32_to_f16(float f) { /* round to nearest even, as F16C's vcvtps2ph */
-    uint32_t b = to_bits(f), sign = (b >> 16) & 0x8000, magnitude = b & 0x7fffffff;
-    if (magnitude > 0x7f800000) return (uint16_t)(sign | 0x7e00 | ((magnitude >> 13) & 0x3ff)); /* NaN */
-    if (magnitude >= 0x477ff000) return (uint16_t)(sign | 0x7c00); /* 65520 and up round to Inf */
-    if (magnitude < 0x38800000) /* below 2^-14: a subnormal (or zero, or the smallest normal) */
-        return (uint16_t)(sign | (uint32_t)nearbyintf(from_bits(magnitude) * 16777216.0f));
-    return (uint16_t)(sign | ((magnitude + 0xfff + ((magnitude >> 13) & 1) - 0x38000000) >> 13));
-}
-
-static inline float bf16_to_f32(uint16_t h) { return from_bits((uint32_t)h << 16); }
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t b = to_bits(f);
-    if ((b & 0x7fffffff) > 0x7f800000) return 0x7fc0; /* NaN */
-    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
-}
-
-static inline float load_scalar(const void *data, int kind, size_t i) {
-    switch (kind) {
-    case KIND_F16: return f16_to_f32(((const uint16_t *)data)[i]);
-    case KIND_BF16: return bf16_to_f32(((const uint16_t *)data)[i]);
-    default: return ((const float *)data)[i];
-    }
-}
-
-static inline void store_scalar(void *out, int kind, size_t i, float v) {
-    switch (kind) {
-    case KIND_F16: ((uint16_t *)out)[i] = f32_to_f16(v); break;
-    case KIND_BF16: ((uint16_t *)out)[i] = f32_to_bf16(v); break;
-    default: ((float *)out)[i] = v;
-    }
-}
 
 /* ---- portable version ---- */
 
@@ -110,20 +46,8 @@ static int sum_portable(void *out, int out_kind, size_t n, const term_t *terms, 
 }
 
 /* ---- x86 vector version: AVX2, FMA, F16C ---- */
-
 #ifdef HAVE_X86_VECTOR
-#define VECTOR __attribute__((target("avx2,fma,f16c")))
 
-VECTOR static inline __m256 load8(const void *data, int kind, size_t i) {
-    switch (kind) {
-    case KIND_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)data + i)));
-    case KIND_BF16: {
-        __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)data + i)));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-    }
-    default: return _mm256_loadu_ps((const float *)data + i);
-    }
-}
 
 VECTOR static inline void store8_bf16(uint16_t *out, __m256 v) {
     __m256i b = _mm256_castps_si256(v);
@@ -175,10 +99,6 @@ VECTOR static int sum_vector(void *out, int out_kind, size_t n, const term_t *te
     return bad_tail || !_mm256_testz_ps(bad, bad);
 }
 
-static int has_vector(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
 #endif
 
 typedef int (*sum_fn)(void *, int, size_t, const term_t *, Py_ssize_t, float);
@@ -377,119 +297,7 @@ static PyObject *guard_release(PyObject *self, PyObject *args) {
 #endif
 }
 
-/* The counter-based uniform of seeded dropout (docs/METHODS.md): element e's 24-bit draw is
-   lowbias32(lowbias32(lo(e) ^ k0) ^ k1 ^ hi(e)) >> 8, the same whatever the chunking or device. */
-static inline uint32_t lowbias32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
-    return x;
-}
-
-PyDoc_STRVAR(uniform24_doc,
-"uniform24(out, n, start, k0, k1)\\n\\n"
-"Write the 24-bit dropout draws of elements [start, start + n) as int32 at address out.");
-
-static PyObject *uniform24(PyObject *self, PyObject *args) {
-    (void)self;
-    unsigned long long address, start;
-    Py_ssize_t n;
-    unsigned int k0, k1;
-    if (!PyArg_ParseTuple(args, "KnKII", &address, &n, &start, &k0, &k1)) return NULL;
-    int32_t *out = (int32_t *)(uintptr_t)address;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t j = 0; j < n; j++) {
-        uint64_t e = start + (uint64_t)j;
-        out[j] = (int32_t)(lowbias32(lowbias32((uint32_t)e ^ k0) ^ k1 ^ (uint32_t)(e >> 32)) >> 8);
-    }
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(magnitude_histogram_doc,
-"magnitude_histogram(hist, values, n, select)\\n\\n"
-"Count the fp32 values at address values by the bits of their magnitude into the int64 bins at\\n"
-"hist: by the top 16 bits (select < 0, 32768 bins), or by the low 16 bits of those whose top 16\\n"
-"bits equal select (65536 bins). Two calls find the k-th smallest magnitude exactly.");
-
-static PyObject *magnitude_histogram(PyObject *self, PyObject *args) {
-    (void)self;
-    unsigned long long hist_address, values_address;
-    Py_ssize_t n;
-    long select;
-    if (!PyArg_ParseTuple(args, "KKnl", &hist_address, &values_address, &n, &select)) return NULL;
-    int64_t *hist = (int64_t *)(uintptr_t)hist_address;
-    const uint32_t *values = (const uint32_t *)(uintptr_t)values_address;
-    Py_BEGIN_ALLOW_THREADS
-    if (select < 0) {
-        for (Py_ssize_t j = 0; j < n; j++) hist[(values[j] & 0x7fffffffU) >> 16]++;
-    } else {
-        uint32_t top = (uint32_t)select;
-        for (Py_ssize_t j = 0; j < n; j++) {
-            uint32_t bits = values[j] & 0x7fffffffU;
-            if ((bits >> 16) == top) hist[bits & 0xffffU]++;
-        }
-    }
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(elect_merge_doc,
-"elect_merge(out, deltas, n_models, n, by_magnitude)\\n\\n"
-"TIES' election and disjoint mean over fp32 deltas (n_models rows of n, at address deltas):\\n"
-"the sign of the sum (by_magnitude) or of the sign count, then the mean of the deltas that agree\\n"
-"with it (0 where none does), written as fp32 at address out.");
-
-#define ELECT_BLOCK 1024
-
-static inline float sign_of(float v) { return (float)(v > 0.0f) - (float)(v < 0.0f); }
-
-/* Blocks of ELECT_BLOCK elements, each loop over the block's elements (so they vectorise): the
-   votes, then the agreeing sums and counts, then the means. Sums run in model order, as torch's. */
-static void elect_block(float *out, const float *d, Py_ssize_t models, Py_ssize_t n, Py_ssize_t from,
-                        Py_ssize_t count, int by_magnitude) {
-    float vote[ELECT_BLOCK], total[ELECT_BLOCK], agree[ELECT_BLOCK];
-    for (Py_ssize_t j = 0; j < count; j++) vote[j] = total[j] = agree[j] = 0.0f;
-    for (Py_ssize_t i = 0; i < models; i++) {
-        const float *row = d + i * n + from;
-        if (by_magnitude)
-            for (Py_ssize_t j = 0; j < count; j++) vote[j] += row[j];
-        else
-            for (Py_ssize_t j = 0; j < count; j++) vote[j] += sign_of(row[j]);
-    }
-    for (Py_ssize_t j = 0; j < count; j++) vote[j] = sign_of(vote[j]);
-    for (Py_ssize_t i = 0; i < models; i++) {
-        const float *row = d + i * n + from;
-        for (Py_ssize_t j = 0; j < count; j++) {
-            float same = sign_of(row[j]) == vote[j] ? 1.0f : 0.0f;
-            total[j] += row[j] * same;
-            agree[j] += same;
-        }
-    }
-    for (Py_ssize_t j = 0; j < count; j++) out[from + j] = agree[j] > 0.0f ? total[j] / agree[j] : 0.0f;
-}
-
-static PyObject *elect_merge(PyObject *self, PyObject *args) {
-    (void)self;
-    unsigned long long out_address, deltas_address;
-    Py_ssize_t models, n;
-    int by_magnitude;
-    if (!PyArg_ParseTuple(args, "KKnnp", &out_address, &deltas_address, &models, &n, &by_magnitude)) return NULL;
-    float *out = (float *)(uintptr_t)out_address;
-    const float *d = (const float *)(uintptr_t)deltas_address;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t from = 0; from < n; from += ELECT_BLOCK)
-        elect_block(out, d, models, n, from, n - from < ELECT_BLOCK ? n - from : ELECT_BLOCK, by_magnitude);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
-    {"magnitude_histogram", magnitude_histogram, METH_VARARGS, magnitude_histogram_doc},
-    {"elect_merge", elect_merge, METH_VARARGS, elect_merge_doc},
-    {"uniform24", uniform24, METH_VARARGS, uniform24_doc},
     {"weighted_sum", (PyCFunction)(void (*)(void))weighted_sum, METH_VARARGS | METH_KEYWORDS, weighted_sum_doc},
     {"guard_map", guard_map, METH_VARARGS, guard_map_doc},
     {"guard_faulted", guard_faulted, METH_VARARGS, guard_faulted_doc},
@@ -498,13 +306,14 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_kernels", "Fused weighted sums for merges, and the guard of mapped inputs.", -1, methods, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "_kernels", "Fused weighted sums for merges, the non-linear methods' passes, and the guard of mapped inputs.", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     const char *isa = "portable";
+    int vector = 0;
 #ifdef HAVE_GUARD
     long page = sysconf(_SC_PAGESIZE);
     if (page > 0) page_size = (size_t)page;
@@ -513,9 +322,10 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     if (has_vector()) {
         chosen = sum_vector;
         isa = "avx2";
+        vector = 1;
     }
 #endif
-    if (PyModule_AddStringConstant(m, "ISA", isa) < 0) {
+    if (add_method_kernels(m, vector) < 0 || PyModule_AddStringConstant(m, "ISA", isa) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -19,7 +19,7 @@ import torch
 from .accumulate import CpuAccumulator
 from .checkpoint import ITEMSIZE
 from .errors import MergeCancelled, NonFiniteError
-from .methods.programs import PROGRAMS, Inputs, Program
+from .methods.programs import PROGRAMS, Inputs, Program, finite_source
 from .plan import Apply, KeyPlan, Plan, Sum, Term
 
 WORKING_BYTES = 48 << 20  # per key in flight: every input's chunk and the method's temporaries
@@ -36,6 +36,7 @@ class KeyEvaluation:
         width = torch.finfo(dtype).bits // 8
         self.chunk = max(1 << 12, min(chunk, WORKING_BYTES // (width * TEMPORARIES * max(1, len(self.files)))))
         self.staging = torch.empty(self.chunk * 8, dtype=torch.uint8)
+        self.stagings: dict[int, torch.Tensor] = {}
         self.input_bytes = sum(ITEMSIZE[plan.inputs[t.input].checkpoint.tensors[t.key].dtype] for t in key.terms)
         self.programs: dict[int, Program] = {}
         self.checked: set[tuple[int, int]] = set()  # (input, chunk start) found finite
@@ -87,7 +88,15 @@ class KeyEvaluation:
             value = values[name]
             return self.value(value[index] if index is not None else value, start, stop)
 
-        return Inputs(get)
+        def raw(name: str, index: int | None) -> torch.Tensor | None:
+            value = values[name]
+            total = value[index] if index is not None else value
+            if total is None or len(total.parts) != 1 or self.device.type != "cpu":
+                return None
+            part, c = total.parts[0]
+            return None if isinstance(part, Apply) or c != 1.0 else self._raw(part, start, stop)
+
+        return Inputs(get, raw)
 
     def value(self, total: Sum, start: int, stop: int) -> torch.Tensor:
         result = None
@@ -106,6 +115,20 @@ class KeyEvaluation:
         value = raw.to(self.device).to(self.dtype)
         if self.check_finite and (index, start) not in self.checked:
             self._check_finite(index, start, value)
+        return value
+
+    def _raw(self, index: int, start: int, stop: int) -> torch.Tensor | None:
+        """An input's chunk as the file holds it, for a native pass: None where the kernels cannot
+        read it (another dtype; NaN or Inf in it, which is an error here unless they are kept)."""
+        if index not in self.stagings:  # each its own: a native pass holds every input at once
+            self.stagings[index] = torch.empty(self.chunk * 8, dtype=torch.uint8)
+        checkpoint = self.plan.inputs[index].checkpoint
+        value = finite_source(checkpoint.read_into(self.files[index], start, stop, self.stagings[index]))
+        if value is None:
+            if self.check_finite and (index, start) not in self.checked:
+                self._read(index, start, stop)  # names the model if it is NaN or Inf that stopped it
+            return None
+        self.checked.add((index, start))
         return value
 
     def _check_finite(self, index: int, start: int, value: torch.Tensor) -> None:

@@ -29,16 +29,48 @@ FINE_BINS = 1 << 16
 RANK_BLOCK = 1 << 20
 
 
-class Inputs:
-    """A chunk's inputs, each read or computed once, when first asked for."""
+Getter = Callable[[str, int | None], torch.Tensor | None]
 
-    def __init__(self, get: Callable[[str, int | None], torch.Tensor]):
-        self.get, self.cache = get, {}
+
+class Inputs:
+    """A chunk's inputs, each read or computed once, when first asked for; and, for the native
+    kernels, `raw`: an input that is a plain source as its unconverted values (fp16, bf16 or
+    fp32, contiguous, known finite), or None where it is computed, or not such a source."""
+
+    def __init__(self, get: Getter, raw: Getter = lambda name, index: None):
+        self.get, self.cache, self._raw = get, {}, raw
 
     def __call__(self, name: str, index: int | None = None) -> torch.Tensor:
         if (name, index) not in self.cache:
             self.cache[name, index] = self.get(name, index)
         return self.cache[name, index]
+
+    def raw(self, name: str, index: int | None = None) -> torch.Tensor | None:
+        return self._raw(name, index)
+
+    def sources(self, name: str, count: int) -> list[tuple[int, int]] | None:
+        """(address, kind) of the `count` inputs `name` for a native kernel, or None."""
+        found = []
+        for index in range(count):
+            value = self.raw(name, index)
+            if value is None:
+                return None
+            found.append(source(value))
+        return found
+
+
+def source(value: torch.Tensor) -> tuple[int, int]:
+    return value.data_ptr(), kernels.KINDS[value.dtype]
+
+
+def finite_source(value: torch.Tensor) -> torch.Tensor | None:
+    """`value` where a native kernel can read it as it is: fp16, bf16 or fp32, contiguous, on the
+    CPU, and finite (a kernel is not asked to carry NaN and Inf the way torch does)."""
+    native = kernels.native()
+    if (native is None or value.dtype not in kernels.KINDS or value.device.type != "cpu"
+            or not value.is_contiguous()):
+        return None
+    return value if native.all_finite(value.data_ptr(), kernels.KINDS[value.dtype], value.numel()) else None
 
 
 class Program:
@@ -65,6 +97,15 @@ class Program:
 
     def models(self, x: Inputs, name: str = "models") -> list[torch.Tensor]:
         return [x(name, i) for i in range(self.counts[name] or 0)]
+
+
+def in_order(rows: torch.Tensor) -> torch.Tensor:
+    """The sum of rows (N x c) from 0, one row after another, as the native kernels add them
+    (torch's own sum over rows groups them, which rounds differently)."""
+    total = torch.zeros_like(rows[0])
+    for row in rows:
+        total += row
+    return total
 
 
 def gram(points: torch.Tensor) -> torch.Tensor:
@@ -127,6 +168,12 @@ class TaskVectors(Program):
         self.kept: list[np.ndarray] = [None] * n  # DELLA's keep masks, packed bits
         self.weights: torch.Tensor | None = None
         self.t = 1.0
+        # the fused native passes (task_vectors in _methods.c), where the inputs are plain sources
+        self.native = kernels.native() if self.dtype == torch.float32 and self.device.type == "cpu" else None
+        self.limit = dropout.keep_limit(1.0 - self.probability)
+        self.streams = ([dropout.stream_key(p["seed"], self.key, i) for i in range(n)]
+                        if self.drop and self.della_eps == 0 else None)
+        self.threshold_values = [-1.0] * n
 
     # -- the deltas, as far as the passes so far allow ------------------------------------------
 
@@ -158,7 +205,7 @@ class TaskVectors(Program):
     def elected(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The deltas that agree with the elected sign (others 0), and how many agree."""
         signs = torch.sign(d)
-        final = torch.sign(d.sum(0) if self.p.get("vote_sgn") else signs.sum(0))
+        final = torch.sign(in_order(d) if self.p.get("vote_sgn") else signs.sum(0))
         agree = signs == final
         return d * agree, agree.sum(0)
 
@@ -171,6 +218,8 @@ class TaskVectors(Program):
                 self.magnitudes = torch.empty(self.numel, dtype=torch.float32)
             self.magnitudes[start:stop] = self.delta(x, i).abs().float().cpu()
         elif stage in ("coarse", "fine"):
+            if self._fused(0 if stage == "coarse" else 1, start, stop, x):
+                return
             native = kernels.native() if self.device.type == "cpu" else None
             for i in range(self.n):
                 magnitudes = self.dropped(x, i, start, stop).float().contiguous()
@@ -205,6 +254,7 @@ class TaskVectors(Program):
             cum = self.fine.cumsum(1)
             low = torch.searchsorted(cum, self.rank_in_bin[:, None]).squeeze(1)
             self.thresholds = ((self.bin << 16) | low).to(torch.int32).view(torch.float32)
+            self.threshold_values = self.thresholds.tolist()
         elif self.combine == "median":
             p = self.p
             self.weights = weiszfeld(self.g, p["eps"], p["maxiter"], p["ftol"])
@@ -231,10 +281,14 @@ class TaskVectors(Program):
     def chunk(self, start: int, stop: int, x: Inputs) -> torch.Tensor:
         if stop == start:
             return x("base")
+        if self.combine in ("sum", "mean"):
+            out = torch.empty(stop - start, dtype=torch.float32)
+            if self._fused(2, start, stop, x, out):
+                return out
         d = self.selected(x, start, stop)
         native = kernels.native() if d.dtype == torch.float32 and d.device.type == "cpu" else None
         if not self.vote:
-            merged = d.sum(0)
+            merged = in_order(d)
         elif self.combine == "mean" and native is not None:  # the same election and mean, in one pass
             merged, d = torch.empty(stop - start, dtype=torch.float32), d.contiguous()
             native.elect_merge(merged.data_ptr(), d.data_ptr(), self.n, stop - start, bool(self.p.get("vote_sgn")))
@@ -243,10 +297,35 @@ class TaskVectors(Program):
             if self.combine == "median":
                 merged = (self.weights.to(self.device, filtered.dtype)[:, None] * filtered).sum(0)
             else:
-                merged = torch.where(agree > 0, filtered.sum(0) / agree.clamp(min=1), 0) * self.t
+                merged = torch.where(agree > 0, in_order(filtered) / agree.clamp(min=1), 0) * self.t
         if self.drop and self.p.get("rescale") and self.probability < 1:
             merged = merged / (1 - self.probability)
         return x("base") + merged * self.p["alpha"]
+
+
+    def _fused(self, op: int, start: int, stop: int, x: Inputs, out: torch.Tensor | None = None) -> bool:
+        """The pass `op` (0, 1: the histograms; 2: the merge into `out`) over the chunk in one
+        native call, where every input is a plain source; False where it is not."""
+        if self.native is None or (base := x.raw("base")) is None:
+            return False
+        models = x.sources("models", self.n)
+        if models is None:
+            return False
+        hists = self.coarse if op == 0 else self.fine if op == 1 else None
+        rows = []
+        for i, (address, kind) in enumerate(models):
+            mask, (k0, k1), bits = 0, (0, 0), 0
+            if self.della_eps != 0:
+                mask, bits = 2, self.kept[i].ctypes.data
+            elif self.drop:
+                mask, (k0, k1) = 1, self.streams[i]
+            rows.append((address, kind, mask, k0, k1, self.limit, bits, self.threshold_values[i],
+                         0 if hists is None else hists[i].data_ptr(), int(self.bin[i]) if op == 1 else -1))
+        vote = 0 if not self.vote else 2 if self.p.get("vote_sgn") else 1
+        rescale = bool(self.drop and self.p.get("rescale") and self.probability < 1)
+        self.native.task_vectors(op, 0 if out is None else out.data_ptr(), stop - start, start, source(base), rows,
+                                 vote, rescale, 1.0 - self.probability, self.p.get("alpha", 1.0))
+        return True
 
 
 def stock_ratio(g: torch.Tensor, cos_eps: float) -> float:
@@ -280,7 +359,19 @@ class _Gram(Program):
     def trivial(self) -> dict[str, list[float] | float]:
         raise NotImplementedError
 
+    def raw_points(self, x: Inputs) -> tuple[list[tuple[int, int]], tuple[int, int] | None] | None:
+        """The points as plain sources for the native kernel, and the source they are taken less."""
+        return None
+
     def gather(self, index: int, start: int, stop: int, x: Inputs) -> None:
+        native = kernels.native() if self.dtype == torch.float32 and self.device.type == "cpu" else None
+        raw = self.raw_points(x) if native is not None else None
+        if raw is not None:
+            points, reference = raw
+            if self.g is None:
+                self.g = torch.zeros(len(points), len(points), dtype=torch.float64)
+            native.gram(self.g.data_ptr(), stop - start, points, reference)
+            return
         g = gram(self.points(x)).cpu()
         self.g = g if self.g is None else self.g + g
 
@@ -302,6 +393,10 @@ class GeometricMedian(_Gram):
         models = torch.stack(self.models(x))
         return models - models[:1]  # the median does not move with a translation; the deltas keep precision
 
+    def raw_points(self, x: Inputs) -> tuple[list[tuple[int, int]], tuple[int, int] | None] | None:
+        points = x.sources("models", self.counts["models"])
+        return None if points is None else (points, points[0])
+
     def trivial(self) -> dict[str, list[float] | float]:
         n = self.counts["models"]
         return self._with_base([1.0 / n] * n)
@@ -321,6 +416,10 @@ class ModelStock(_Gram):
     def points(self, x: Inputs) -> torch.Tensor:
         return torch.stack(self.models(x)) - x("base")
 
+    def raw_points(self, x: Inputs) -> tuple[list[tuple[int, int]], tuple[int, int] | None] | None:
+        points, base = x.sources("models", self.counts["models"]), x.raw("base")
+        return None if points is None or base is None else (points, source(base))
+
     def trivial(self) -> dict[str, list[float] | float]:
         return self._weights(1.0)
 
@@ -335,6 +434,10 @@ class ModelStock(_Gram):
 class Slerp(_Gram):
     def points(self, x: Inputs) -> torch.Tensor:
         return torch.stack([x("a"), x("b")])
+
+    def raw_points(self, x: Inputs) -> tuple[list[tuple[int, int]], tuple[int, int] | None] | None:
+        a, b = x.raw("a"), x.raw("b")
+        return None if a is None or b is None else ([source(a), source(b)], None)
 
     def trivial(self) -> dict[str, list[float] | float]:
         return {"a": 1.0 - self.p["alpha"], "b": self.p["alpha"]}
@@ -383,10 +486,14 @@ def apply_whole(name: str, key: str, inputs: dict[str, Any], params: dict[str, A
     counts = {n: (len(v) if isinstance(v, list) else None if v is None else 1) for n, v in inputs.items()}
     flat = {n: ([t.reshape(-1).to(dtype) for t in v] if isinstance(v, list) else
                 None if v is None else v.reshape(-1).to(dtype)) for n, v in inputs.items()}
+    given = {n: ([t.reshape(-1) for t in v] if isinstance(v, list) else None if v is None else v.reshape(-1))
+             for n, v in inputs.items()}
     numel = first.numel()
     program = PROGRAMS[name](params, key, numel, counts, dtype, first.device)
 
     def at(start: int, stop: int) -> Inputs:
-        return Inputs(lambda n, i: (flat[n][i] if i is not None else flat[n])[start:stop])
+        return Inputs(lambda n, i: (flat[n][i] if i is not None else flat[n])[start:stop],
+                      lambda n, i: None if given[n] is None else
+                      finite_source((given[n][i] if i is not None else given[n])[start:stop]))
 
     return run(program, numel, chunk or max(numel, 1), at).reshape(first.shape)
