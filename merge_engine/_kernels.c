@@ -297,7 +297,22 @@ static PyObject *guard_release(PyObject *self, PyObject *args) {
 #endif
 }
 
+PyDoc_STRVAR(address_doc,
+"address(buffer) -> int\n\n"
+"The address of a buffer's first byte, read-only buffers (a PROT_READ mmap) included. It stays\n"
+"valid only while the buffer's memory does: the caller keeps the object alive.");
+
+static PyObject *address(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *result = PyLong_FromVoidPtr(view.buf);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"address", address, METH_O, address_doc},
     {"weighted_sum", (PyCFunction)(void (*)(void))weighted_sum, METH_VARARGS | METH_KEYWORDS, weighted_sum_doc},
     {"guard_map", guard_map, METH_VARARGS, guard_map_doc},
     {"guard_faulted", guard_faulted, METH_VARARGS, guard_faulted_doc},

@@ -41,9 +41,9 @@ def add_term(acc: torch.Tensor, src: torch.Tensor, coefficient: float, first: bo
 class CpuAccumulator:
     def __init__(self, plan: Plan, acc_dtype: torch.dtype, chunk: int, check_finite: bool):
         self.plan, self.check_finite, self.chunk = plan, check_finite, chunk
-        self.native = kernels.native() if acc_dtype == torch.float32 else None
+        native = acc_dtype == torch.float32 and kernels.native() is not None
+        self.native = kernels.NativeSum(plan, chunk, check_finite) if native else None
         self.staging = torch.empty(chunk * 8, dtype=torch.uint8)
-        self.stagings = [self.staging]  # one per term for the native kernel, made when needed
         self.scratch = torch.empty(chunk, dtype=acc_dtype)
         self.acc = torch.empty(chunk, dtype=acc_dtype)
         self.out = torch.empty(chunk * 8, dtype=torch.uint8)
@@ -54,7 +54,10 @@ class CpuAccumulator:
 
     def sum_chunk(self, key: KeyPlan, start: int, stop: int, into: torch.Tensor | None = None) -> torch.Tensor:
         """The rounded weighted sum of elements [start, stop), as bytes ready to write: in `into`
-        (uint8, aligned for the output dtype) when given, else in a buffer of this accumulator."""
+        (uint8, aligned for the output dtype; or a buffer such as the output's block) when given,
+        else in a buffer of this accumulator."""
+        if into is not None and not isinstance(into, torch.Tensor):
+            into = torch.frombuffer(into, dtype=torch.uint8)
         done = self.sum_native(key, start, stop, into) if self.native is not None else None
         if done is None:
             done = self.sum_torch(key, start, stop, into)
@@ -70,28 +73,13 @@ class CpuAccumulator:
         return self.finish(key, start, stop, acc, into)
 
     def sum_native(self, key: KeyPlan, start: int, stop: int, into: torch.Tensor | None) -> torch.Tensor | None:
-        """The same sum in one native pass; None where a dtype is not one the kernel takes."""
-        out_dtype = torch_dtype(key.dtype)
-        if out_dtype not in kernels.KINDS:
+        """The same sum in one native pass (kernels.NativeSum); None where a dtype is not one the
+        kernel takes, or where something is not finite (then the torch path names it)."""
+        if not self.native.serves(key):
             return None
-        terms = []
-        for j, term in enumerate(key.terms):
-            src = self.read(key, j, start, stop, self._staging(j))
-            if src.dtype not in kernels.KINDS or not src.is_contiguous():
-                return None
-            terms.append((src.data_ptr(), kernels.KINDS[src.dtype], term.coefficient))
         if into is None:
             into = self.out[: (stop - start) * ITEMSIZE[key.dtype]]
-        limit = torch.finfo(out_dtype).max if self.check_finite else float("inf")
-        in_range = self.native.weighted_sum(into.data_ptr(), kernels.KINDS[out_dtype], stop - start, terms, limit)
-        if not in_range and self.check_finite:
-            return self.sum_torch(key, start, stop, into)  # something is not finite: the torch path names it
-        return into
-
-    def _staging(self, j: int) -> torch.Tensor:
-        while len(self.stagings) <= j:  # pages are only touched if a source is unaligned
-            self.stagings.append(torch.empty(self.chunk * 8, dtype=torch.uint8))
-        return self.stagings[j]
+        return into if self.native.sum_at(key, start, stop, into.data_ptr()) else None
 
     def finish(self, key: KeyPlan, start: int, stop: int, acc: torch.Tensor,
                into: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from . import header as _header
+from .buffers import HostBuffer
 from .errors import CheckpointError, InputChangedError
 from .header import FLOAT_DTYPES, ITEMSIZE, MAX_HEADER_BYTES, TensorInfo
 
@@ -100,6 +101,7 @@ class Checkpoint:
         self._fd = fd
         self._map: mmap.mmap | None = None
         self._bytes: torch.Tensor | None = None
+        self._address: int | None = None  # of the mapping, once made and guarded
         self._guard = guard_slot  # the pickle's own mapping (torch's), or ours once made
         self._lock = threading.Lock()
 
@@ -116,6 +118,20 @@ class Checkpoint:
             return mapped[offset:offset + nbytes].view(torch_dtype(info.dtype))
         return self.pread_into(key, start, stop, staging)
 
+    def address_of(self, key: str, start: int, stop: int, staging: HostBuffer) -> int:
+        """Where elements [start, stop) of a safetensors tensor are, for a native kernel: in the
+        mapped file, or read into `staging` where they are not aligned or the file cannot be mapped
+        safely. The torch-free `read_into`; call `check_intact()` once done with them."""
+        info = self.tensors[key]
+        if self._loaded is not None:  # torch has loaded the pickle (contiguous tensors)
+            return self._loaded[key].reshape(-1)[start:stop].data_ptr()
+        size = ITEMSIZE[info.dtype]
+        offset, nbytes = info.start + start * size, (stop - start) * size
+        if offset % size == 0 and nbytes and (address := self._map_address()) is not None:
+            return address + offset
+        self._pread(key, offset, staging.view[:nbytes])
+        return staging.address
+
     def pread_into(self, key: str, start: int, stop: int, staging: torch.Tensor) -> torch.Tensor:
         """Elements [start, stop) read with positioned reads into `staging` (uint8; pinned memory
         for a fast copy to a GPU). No mapping: big reads beat page faults where faults are dear."""
@@ -126,14 +142,26 @@ class Checkpoint:
             out = staging[:nbytes].view(torch_dtype(info.dtype))
             out.copy_(self._loaded[key].reshape(-1)[start:stop])
             return out
-        view = memoryview(staging.numpy())[:nbytes]
+        self._pread(key, offset, memoryview(staging.numpy())[:nbytes])
+        return staging[:nbytes].view(torch_dtype(info.dtype))
+
+    def read_bytes(self, key: str) -> bytes:
+        """A whole tensor's bytes, as the file stores them (little-endian, row-major)."""
+        info = self.tensors[key]
+        if self._loaded is not None:
+            return self._loaded[key].reshape(-1).view(-1).numpy().tobytes() if info.nbytes else b""
+        data = bytearray(info.nbytes)
+        self._pread(key, info.start, memoryview(data))
+        self.check_intact(key)
+        return bytes(data)
+
+    def _pread(self, key: str, offset: int, view: memoryview) -> None:
         done = 0
-        while done < nbytes:
+        while done < len(view):
             got = os.preadv(self._fd, [view[done:]], offset + done)
             if got <= 0:
                 raise self._shrunk(key)
             done += got
-        return staging[:nbytes].view(torch_dtype(info.dtype))
 
     def fileno(self) -> int | None:
         """The descriptor every byte is read through (None for a pickle, which torch has loaded)."""
@@ -164,23 +192,33 @@ class Checkpoint:
         if self._map is not None:
             self._map.madvise(mmap.MADV_DONTNEED, 0, self.size)
 
-    def _mapped(self) -> torch.Tensor | None:
+    def _map_address(self) -> int | None:
+        """The address of the whole file mapped read-only, guarded; None where it cannot be."""
         with self._lock:
-            if self._bytes is None and self._map is None and self.size:
+            if self._address is None and self._map is None and self.size and self._loaded is None:
                 if _guard() is None:
                     return None
-                import torch
-
                 try:  # the size the header was checked against: never a shorter file's
                     self._map = mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ)
                 except ValueError:  # "mmap length is greater than file size": it shrank already
                     raise self._shrunk(None) from None
+                address = _guard().address(self._map)
+                self._guard = _guard().guard_map(address, self.size)
+                if self._guard >= 0:  # else no slot left: positioned reads are as correct, only slower
+                    self._address = address
+            return self._address
+
+    def _mapped(self) -> torch.Tensor | None:
+        """The mapping as a torch uint8 tensor (for the torch paths)."""
+        if self._map_address() is None:
+            return None
+        with self._lock:
+            if self._bytes is None:
+                import torch
+
                 with warnings.catch_warnings():  # read-only on purpose: nothing writes through it
                     warnings.simplefilter("ignore", UserWarning)
                     self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-                self._guard = _guard().guard_map(self._bytes.data_ptr(), self.size)
-                if self._guard < 0:  # no slot left: positioned reads are as correct, only slower
-                    self._bytes = None
             return self._bytes
 
     def _shrunk(self, key: str | None) -> CheckpointError:
@@ -202,6 +240,7 @@ class Checkpoint:
 
     def close(self) -> None:
         self._bytes = None
+        self._address = None
         if self._guard >= 0 and self._loaded is None:
             _guard().guard_release(self._guard)
             self._guard = -1
@@ -237,7 +276,7 @@ def _guard() -> Any:
         from . import _kernels
     except ImportError:  # built without a C compiler: every read is a positioned read
         return None
-    return _kernels if hasattr(_kernels, "guard_map") else None
+    return _kernels if hasattr(_kernels, "guard_map") and hasattr(_kernels, "address") else None
 
 
 def open_checkpoint(path: str | os.PathLike[str], *, name: str | None = None) -> Checkpoint:

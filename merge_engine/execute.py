@@ -6,6 +6,10 @@ Memory does not grow with the number of models or their size: a few worker threa
 out, in the output's blocks (output.py). Threads need no ordering, and the bytes are the same
 whatever the thread count.
 
+A merge the native kernel serves whole (every key linear or integer, fp16/bf16/fp32 tensors, fp32
+sums, on the CPU) never imports torch: its sums are `kernels.NativeSum` on the mapped files, its
+buffers plain memory (buffers.py). That saves a CLI merge the seconds `import torch` takes.
+
 The file is written under a temporary name, fsynced and renamed: a crash or an error never
 leaves a file that looks complete, and nothing is left behind. Before the rename, every input is
 checked to be the version that was hashed (`check_inputs_unchanged`), so the provenance the
@@ -22,17 +26,21 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .accumulate import CpuAccumulator, DeviceAccumulator
+from . import kernels
+from .buffers import address_of
 from .checkpoint import ITEMSIZE
 from .errors import InputChangedError, LayoutMismatchError, OptionsError, RecipeError, StorageError
-from .evaluate import KeyEvaluation
 from .hashing import sha256_fd
 from .output import ALIGN, BLOCK_BYTES, BlockWriter
 from .passes import Progress, StreamingPass, thread_count, torch_device
 from .plan import KeyPlan, Plan
+
+if TYPE_CHECKING:  # a merge the native kernel serves whole never imports torch (see NativeAccumulator)
+    import torch
+
+    from .accumulate import CpuAccumulator
 
 CHUNK_ELEMENTS = 1 << 21  # per item: few enough Python calls that their cost is lost in the arithmetic
 DEVICE_CHUNK_ELEMENTS = 1 << 22  # on a GPU, fewer and bigger reads and copies win
@@ -57,7 +65,8 @@ class ExecOptions:
 
     def check(self) -> None:
         """Impossible options fail before anything is written."""
-        self.torch_device()
+        if self.device != "cpu":
+            self.torch_device()
         if self.chunk_elements < 1:
             raise OptionsError(f"chunk_elements must be at least 1, not {self.chunk_elements}")
         if self.block_bytes < ALIGN or self.block_bytes % ALIGN:
@@ -110,7 +119,7 @@ def merge(
                                  hash_output=compute_sha256, name=output.name, block_bytes=options.block_bytes)
             verifier = _InputHashes(plan) if options.verify_inputs else None
             try:
-                writer.put(0, torch.frombuffer(bytearray(plan.header), dtype=torch.uint8))
+                writer.put(0, plan.header)
                 _Run(plan, writer, options, progress, should_cancel).run_threads()
                 digest = writer.finish()
             except BaseException:
@@ -182,13 +191,14 @@ class _Run(StreamingPass):
                          plan.bytes_to_read, progress, should_cancel, "merge")
         self.plan, self.writer, self.options = plan, writer, options
         self.data_start = len(plan.header)
-        self.acc_dtype = torch.float64 if plan.recipe.output.accumulate == "fp64" else torch.float32
+        self.fp64 = plan.recipe.output.accumulate == "fp64"
         self.check_finite = plan.recipe.output.non_finite == "error"
-        self.device = options.torch_device()
-        self.on_cpu = self.device.type == "cpu"
+        self.on_cpu = options.device == "cpu" or options.torch_device().type == "cpu"
         self.chunk = options.chunk_elements
         if not self.on_cpu and options.chunk_elements == CHUNK_ELEMENTS:
             self.chunk = DEVICE_CHUNK_ELEMENTS
+        self.native_only = self.on_cpu and not self.fp64 and kernels.native() is not None and all(
+            key.kind == "integer" or kernels.serves(plan, key) for key in plan.keys)
         self.items = self._items()
 
     def _items(self) -> Iterator[tuple[KeyPlan, int, int, bool]]:
@@ -236,8 +246,12 @@ class _Run(StreamingPass):
             self.advance((stop - start) * self._input_bytes_per_element(key), last)
 
     def _nonlinear(self, key: KeyPlan, accumulator: CpuAccumulator) -> None:
-        evaluation = KeyEvaluation(self.plan, key, accumulator, self.acc_dtype, self.device, self.chunk,
-                                   self.check_finite, self.reread)
+        import torch
+
+        from .evaluate import KeyEvaluation
+
+        evaluation = KeyEvaluation(self.plan, key, accumulator, torch.float64 if self.fp64 else torch.float32,
+                                   self.options.torch_device(), self.chunk, self.check_finite, self.reread)
         base, per_element = self.data_start + key.offset, self._input_bytes_per_element(key)
         for start, stop, data in evaluation.results(self.stop.is_set):
             self.writer.put(base + start * ITEMSIZE[key.dtype], data)
@@ -248,22 +262,59 @@ class _Run(StreamingPass):
     def _input_bytes_per_element(self, key: KeyPlan) -> int:
         return sum(ITEMSIZE[self.plan.inputs[t.input].checkpoint.tensors[t.key].dtype] for t in key.terms)
 
-    def _accumulator(self) -> CpuAccumulator:
-        args = (self.plan, self.acc_dtype, self.chunk, self.check_finite)
+    def _accumulator(self) -> CpuAccumulator | NativeAccumulator:
+        if self.native_only:
+            return NativeAccumulator(self.plan, self.chunk, self.check_finite)
+        import torch
+
+        from .accumulate import CpuAccumulator, DeviceAccumulator
+
+        args = (self.plan, torch.float64 if self.fp64 else torch.float32, self.chunk, self.check_finite)
         if self.on_cpu:
             return CpuAccumulator(*args)
-        return DeviceAccumulator(*args, self.device)
+        return DeviceAccumulator(*args, self.options.torch_device())
 
-    def _integer(self, key: KeyPlan) -> torch.Tensor:
-        values = [(t, self.plan.inputs[t.input].checkpoint.read_tensor(t.key)) for t in key.terms]
-        first_term, first = values[0]
-        for term, value in values[1:]:
-            if not torch.equal(value, first):
-                raise LayoutMismatchError(
-                    f"integer tensor differs from {self.plan.inputs[first_term.input].name}'s; integers are never averaged",
-                    model=self.plan.inputs[term.input].name, component=key.component, key=key.key,
-                )
-        return first.reshape(-1).contiguous().view(torch.uint8)
+    def _integer(self, key: KeyPlan) -> bytes:
+        """An integer tensor's bytes, which every source must agree on (by value, whatever its
+        integer type: some files store position_ids as int32, others as int64)."""
+        first_bytes, first = self._integer_values(key.terms[0])
+        name = self.plan.inputs[key.terms[0].input].name
+        for term in key.terms[1:]:
+            if self._integer_values(term)[1] != first:
+                raise LayoutMismatchError(f"integer tensor differs from {name}'s; integers are never averaged",
+                                          model=self.plan.inputs[term.input].name, component=key.component, key=key.key)
+        return first_bytes
+
+    def _integer_values(self, term: Any) -> tuple[bytes, memoryview | bytes]:
+        checkpoint = self.plan.inputs[term.input].checkpoint
+        data = checkpoint.read_bytes(term.key)
+        return data, memoryview(data).cast(INTEGER_FORMATS.get(checkpoint.tensors[term.key].dtype, "B"))
+
+
+INTEGER_FORMATS = {"I64": "q", "I32": "i", "I16": "h", "I8": "b", "U8": "B", "BOOL": "?", "U16": "H", "U32": "I",
+                   "U64": "Q"}  # struct formats: values compare equal across integer types
+
+
+class NativeAccumulator:
+    """The accumulator of a merge the native kernel serves whole (fp16/bf16/fp32, fp32 sums,
+    linear keys, on the CPU): kernels.NativeSum, and no torch. Torch comes in only to name the
+    model at fault when an input holds NaN or Inf."""
+
+    def __init__(self, plan: Plan, chunk: int, check_finite: bool):
+        self.plan, self.chunk, self.check_finite = plan, chunk, check_finite
+        self.sums = kernels.NativeSum(plan, chunk, check_finite)
+
+    def sum_chunk(self, key: KeyPlan, start: int, stop: int, into: memoryview | None = None) -> memoryview:
+        if into is None:
+            into = self.sums.output().view[: (stop - start) * ITEMSIZE[key.dtype]]
+        if not self.sums.sum_at(key, start, stop, address_of(into)):
+            import torch
+
+            from .accumulate import CpuAccumulator  # raises NonFiniteError naming the input
+
+            CpuAccumulator(self.plan, torch.float32, self.chunk, True).sum_torch(
+                key, start, stop, torch.frombuffer(into, dtype=torch.uint8))
+        return into
 
 
 def _reserve(fd: int, size: int, output: Path) -> None:

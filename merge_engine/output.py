@@ -20,14 +20,13 @@ import ctypes
 import errno
 import functools
 import hashlib
-import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 
-import torch
-
+from .buffers import HostBuffer
 from .errors import StorageError
 
 BLOCK_BYTES = 8 << 20
@@ -42,39 +41,39 @@ class BlockWriter:
         self.direct = _set_direct(fd, True)
         self.changed = threading.Condition()
         self.open: dict[int, list] = {}  # block index -> [buffer, bytes filled]
-        self.free: list[torch.Tensor] = []
-        self.maps: list[mmap.mmap] = []  # every buffer's memory, at most `limit` of them
+        self.free: list[HostBuffer] = []
+        self.maps: list[HostBuffer] = []  # every buffer, at most `limit` of them
         self.limit = 2 * threads + 6
         self.error: BaseException | None = None
         self.to_write: queue.SimpleQueue = queue.SimpleQueue()
         self.digest = hashlib.sha256() if hash_output else None
-        self.to_hash: dict[int, torch.Tensor] = {}
+        self.to_hash: dict[int, HostBuffer] = {}
         self.next_to_hash = 0
         self.writers = [threading.Thread(target=self._write_blocks, daemon=True) for _ in range(WRITER_THREADS)]
         for writer in self.writers:
             writer.start()
 
-    def claim(self, offset: int, nbytes: int, alignment: int) -> torch.Tensor | None:
+    def claim(self, offset: int, nbytes: int, alignment: int) -> memoryview | None:
         """The block's own bytes for [offset, offset + nbytes), to compute a result straight into;
         None where the range crosses a block boundary or is not aligned (then use `put`).
         Call `commit` once they are written."""
         index, within = divmod(offset, self.block)
         if within + nbytes > self._length(index) or within % alignment:
             return None
-        return self._buffer(index)[within:within + nbytes]
+        return self._buffer(index).view[within:within + nbytes]
 
     def commit(self, offset: int, nbytes: int) -> None:
         """The bytes claimed at `offset` are in."""
         self._filled(offset // self.block, nbytes)
 
-    def put(self, offset: int, data: torch.Tensor) -> None:
-        """Place `data` (uint8, any length) at `offset` in the file."""
+    def put(self, offset: int, data: Any) -> None:
+        """Place `data` (bytes-like, or a CPU uint8 tensor) at `offset` in the file."""
+        data = memoryview(data.numpy() if hasattr(data, "numpy") else data).cast("B")
         done = 0
-        while done < data.numel():
+        while done < len(data):
             index, within = divmod(offset + done, self.block)
-            n = min(data.numel() - done, self.block - within)
-            buffer = self._buffer(index)
-            buffer[within:within + n].copy_(data[done:done + n])
+            n = min(len(data) - done, self.block - within)
+            self._buffer(index).view[within:within + n] = data[done:done + n]
             self._filled(index, n)
             done += n
 
@@ -101,7 +100,7 @@ class BlockWriter:
     def _length(self, index: int) -> int:
         return min(self.block, self.size - index * self.block)
 
-    def _buffer(self, index: int) -> torch.Tensor:
+    def _buffer(self, index: int) -> HostBuffer:
         with self.changed:
             while True:
                 if self.error is not None:
@@ -115,10 +114,10 @@ class BlockWriter:
             self.open[index] = [buffer, 0]
             return buffer
 
-    def _allocate(self) -> torch.Tensor:
-        area = mmap.mmap(-1, self.block)  # page-aligned, as direct I/O needs
-        self.maps.append(area)
-        return torch.frombuffer(area, dtype=torch.uint8)
+    def _allocate(self) -> HostBuffer:
+        buffer = HostBuffer(self.block)  # page-aligned, as direct I/O needs
+        self.maps.append(buffer)
+        return buffer
 
     def _filled(self, index: int, n: int) -> None:
         with self.changed:
@@ -140,13 +139,13 @@ class BlockWriter:
                     self.changed.notify_all()
             self._written(index, buffer)
 
-    def _write(self, index: int, buffer: torch.Tensor) -> None:
+    def _write(self, index: int, buffer: HostBuffer) -> None:
         if self.error is not None:
             return
         length, offset = self._length(index), index * self.block
         if self.direct:
             length += -length % ALIGN
-        view = memoryview(buffer.numpy())[:length]
+        view = buffer.view[:length]
         done = 0
         while done < length:
             try:
@@ -161,7 +160,7 @@ class BlockWriter:
         if not self.direct:
             start_writeback(self.fd)
 
-    def _written(self, index: int, buffer: torch.Tensor) -> None:
+    def _written(self, index: int, buffer: HostBuffer) -> None:
         if self.digest is None or self.error is not None:
             self._recycle(buffer)
             return
@@ -176,12 +175,12 @@ class BlockWriter:
                 if buffer is None:
                     return
                 length = self._length(self.next_to_hash)
-            self.digest.update(memoryview(buffer.numpy())[:length])
+            self.digest.update(buffer.view[:length])
             with self.changed:
                 self.next_to_hash += 1
             self._recycle(buffer)
 
-    def _recycle(self, buffer: torch.Tensor) -> None:
+    def _recycle(self, buffer: HostBuffer) -> None:
         with self.changed:
             self.free.append(buffer)
             self.changed.notify_all()
@@ -196,11 +195,8 @@ class BlockWriter:
         self.free.clear()
         self.open.clear()
         self.to_hash.clear()
-        for area in self.maps:
-            try:
-                area.close()
-            except BufferError:  # a view is still alive somewhere; the mapping goes with it
-                pass
+        for buffer in self.maps:
+            buffer.close()
         self.maps.clear()
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoint
 from .errors import MergeCancelled, OptionsError, SdmergeError
+
+if TYPE_CHECKING:  # a linear merge on the native kernel runs without torch
+    import torch
 
 SWEEP_BYTES = 128 << 20  # input bytes read between unmapping everything read
 
@@ -39,6 +42,8 @@ class Progress:
 
 def torch_device(name: str, error: type[SdmergeError] = OptionsError) -> torch.device:
     """A device name as torch's device, or `error` saying what is wrong with it."""
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -75,8 +80,11 @@ class StreamingPass:
     def run_threads(self) -> None:
         # The pass parallelises across chunks; torch's own threads on top of that only contend.
         # The loops make no reference cycles, and collections would scan every chunk's views.
-        intra_op, collecting = torch.get_num_threads(), gc.isenabled()
-        torch.set_num_threads(1)
+        # A pass that has not imported torch has no torch threads to quiet.
+        torch = sys.modules.get("torch")
+        intra_op, collecting = torch.get_num_threads() if torch else 0, gc.isenabled()
+        if torch:
+            torch.set_num_threads(1)
         gc.disable()
         try:
             workers = [threading.Thread(target=self._guarded, args=(i,), daemon=True) for i in range(self.threads)]
@@ -89,7 +97,8 @@ class StreamingPass:
                     self.stop.set()
                 self.progress()
         finally:
-            torch.set_num_threads(intra_op)
+            if torch:
+                torch.set_num_threads(intra_op)
             if collecting:
                 gc.enable()
         if self.error is not None:

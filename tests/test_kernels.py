@@ -12,7 +12,7 @@ from merge_engine import kernels
 from merge_engine.accumulate import add_term
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-KIND = kernels.KINDS
+KIND = kernels.torch_kinds()
 FLAVOURS = ["vector", "portable"]  # vector falls back to portable code on CPUs without AVX2
 
 

@@ -280,3 +280,49 @@ def test_native_kernel_and_torch_path_write_the_same_file(make_model, tmp_path, 
         torch.testing.assert_close(merged[key].double(), reference_from(states, key), rtol=1e-6, atol=1e-7)
     else:
         assert_within_one_ulp(merged[key], reference_from(states, key))
+
+
+def test_a_linear_cli_merge_never_imports_torch(make_model, write_recipe, tmp_path, monkeypatch):
+    """A merge the native kernel serves whole runs in a process that never imports torch (its
+    start-up is seconds on a small machine), and writes the bytes the torch path writes."""
+    import subprocess
+    import sys
+
+    from merge_engine import kernels
+
+    if kernels._kernels is None:
+        pytest.fail("merge_engine._kernels is not built")
+    paths = [str(make_model(f"s{i}.safetensors", "sd1", seed=i)) for i in range(3)]  # integer position_ids too
+    recipe = {"merge": {"method": "weighted", "models": [{"model": p, "weight": w} for p, w in zip(paths, (1, 2, 5), strict=True)]},
+              "output": {"dtype": "fp16"}}
+    path, out = write_recipe(recipe), tmp_path / "lean.safetensors"
+    script = ("import sys\nfrom merge_engine.cli import main\n"
+              f"rc = main(['merge', {str(path)!r}, '-o', {str(out)!r}, '--quiet'])\n"
+              "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    monkeypatch.setenv("SDMERGE_NATIVE", "0")
+    torch_out, _ = run(recipe, tmp_path, tmp_path / "torch.safetensors")
+    assert out.read_bytes() == torch_out.read_bytes()
+
+
+def test_integer_tensors_agree_by_value_whatever_their_integer_type(make_model, tmp_path):
+    """Some files store position_ids as int32, others as int64: the same values are one tensor
+    (written as the first source's); other values are an error naming the model and key."""
+    from merge_engine.errors import LayoutMismatchError
+    from merge_engine.synthetic import tiny_state_dict
+
+    key = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    a = make_model("a.safetensors", "sd1", seed=0)
+    state = tiny_state_dict("sd1", seed=1)
+    state[key] = state[key].to(torch.int32)
+    b = make_model("b.safetensors", "sd1", state=state)
+    out, _ = run({"merge": {"method": "uniform", "models": [str(a), str(b)]}}, tmp_path, tmp_path / "out.safetensors")
+    value = load_file(out)[key]
+    assert value.dtype == torch.int64 and torch.equal(value, torch.arange(77).reshape(1, 77))
+    state[key] = state[key].flip(-1)
+    c = make_model("c.safetensors", "sd1", state=state)
+    with pytest.raises(LayoutMismatchError, match="integer tensor differs") as raised:
+        run({"merge": {"method": "uniform", "models": [str(a), str(c)]}}, tmp_path, tmp_path / "bad.safetensors")
+    assert (raised.value.model, raised.value.key) == ("c.safetensors", key)
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -60,17 +60,17 @@ class Inputs:
 
 
 def source(value: torch.Tensor) -> tuple[int, int]:
-    return value.data_ptr(), kernels.KINDS[value.dtype]
+    return value.data_ptr(), kernels.torch_kinds()[value.dtype]
 
 
 def finite_source(value: torch.Tensor) -> torch.Tensor | None:
     """`value` where a native kernel can read it as it is: fp16, bf16 or fp32, contiguous, on the
     CPU, and finite (a kernel is not asked to carry NaN and Inf the way torch does)."""
     native = kernels.native()
-    if (native is None or value.dtype not in kernels.KINDS or value.device.type != "cpu"
+    if (native is None or value.dtype not in kernels.torch_kinds() or value.device.type != "cpu"
             or not value.is_contiguous()):
         return None
-    return value if native.all_finite(value.data_ptr(), kernels.KINDS[value.dtype], value.numel()) else None
+    return value if native.all_finite(value.data_ptr(), kernels.torch_kinds()[value.dtype], value.numel()) else None
 
 
 class Program:
