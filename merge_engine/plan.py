@@ -23,18 +23,18 @@ from .checkpoint import ITEMSIZE, Checkpoint, FileVersion, open_checkpoint
 from .errors import ArchitectureError, InputChangedError, LayoutMismatchError, ResolveError
 from .hashing import hash_fd, hash_version
 from .jsonsafe import try_loads
-from .methods import Applied, flatten
 from .recipe import (
     COMPONENTS,
     Leaf,
     ModelLeaf,
     Recipe,
-    Source,
     all_leaves,
     canonical_json,
-    iter_leaves,
     rewrite_leaves,
 )
+from .sources import Apply, ComponentSource, Sum
+
+__all__ = ["Apply", "KeyPlan", "Plan", "PlannedInput", "ResolvedModel", "Resolver", "Sum", "Term", "plan"]
 
 OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 OPTIONAL_KEYS = ("position_ids",)  # files written by transformers >= 4.31 lack it
@@ -84,36 +84,6 @@ class Term:
 
 
 @dataclass(frozen=True)
-class Apply:
-    """A non-linear method over its inputs, each a `Sum` (or a list of them, or None)."""
-
-    method: str
-    params: tuple[tuple[str, Any], ...]
-    inputs: tuple[tuple[str, Sum | tuple[Sum, ...] | None], ...]
-
-    def describe(self) -> dict[str, Any]:
-        def one(value: Any) -> Any:
-            return [v.describe() for v in value] if isinstance(value, tuple) else (
-                None if value is None else value.describe())
-        return {"method": self.method, **dict(self.params), **{n: one(v) for n, v in self.inputs}}
-
-
-@dataclass(frozen=True)
-class Sum:
-    """sum(coefficient * part), a part being an input (its index in `Plan.inputs`) or an `Apply`:
-    how a key is evaluated where its component's recipe holds a non-linear method."""
-
-    parts: tuple[tuple[int | Apply, float], ...]
-
-    def describe(self) -> Any:
-        def one(part: int | Apply) -> Any:
-            return part.describe() if isinstance(part, Apply) else {"input": part}
-        if len(self.parts) == 1 and self.parts[0][1] == 1.0:
-            return one(self.parts[0][0])
-        return {"sum": [{"weight": c, **{"of": one(p)}} for p, c in self.parts]}
-
-
-@dataclass(frozen=True)
 class KeyPlan:
     key: str
     component: str  # a component name, or "other"
@@ -147,6 +117,7 @@ class Plan:
     header: bytes
     warnings: tuple[str, ...]
     expressions: dict[str, Sum] = field(default_factory=dict)  # the non-linear components' evaluation
+    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)  # components whose weights vary per block
 
     @property
     def output_size(self) -> int:
@@ -167,15 +138,17 @@ class Plan:
         for component, terms in self.components.items():
             keys = [k for k in self.keys if k.component == component]
             expression = self.expressions.get(component)
+            per_key = expression is not None or component in self.blocks
             per_component[component] = {
                 "sources": [
                     {"model": self.inputs[i].name, "sha256": self.inputs[i].sha256,
-                     **({} if expression else {"weight": float(c), "exact_weight": str(c)})}
+                     **({} if per_key else {"weight": float(c), "exact_weight": str(c)})}
                     for i, c in terms
                 ],
                 "keys": len(keys),
                 "params": sum(k.numel for k in keys if k.kind == "float"),
                 **({"evaluation": expression.describe()} if expression else {}),
+                **({"blocks": self.blocks[component]} if component in self.blocks else {}),
             }
         return {
             "name": self.recipe.name,
@@ -272,15 +245,17 @@ def _detect(checkpoint: Checkpoint) -> ModelInfo:
 def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, int]) -> Plan:
     warnings: list[str] = []
     architecture = _common_architecture(inputs)
-    merge_terms, merge_expression = _evaluation(recipe.merge, index_of)
+    merge_source = ComponentSource(recipe.merge, index_of, "merge", architecture)
     components: dict[str, tuple[tuple[int, Fraction], ...]] = {}
     expressions: dict[str, Sum] = {}
+    blocks: dict[str, dict[str, Any]] = {}
     keys: list[KeyPlan] = []
     variant = None
     for component in COMPONENTS:
         named = component in recipe.components
-        terms, expression = _evaluation(recipe.components[component], index_of) if named else (
-            merge_terms, merge_expression)
+        source = ComponentSource(recipe.components[component], index_of, f"components.{component}",
+                                 architecture) if named else merge_source
+        terms = source.inputs
         have = [i for i, _ in terms if component in inputs[i].info.components]
         if not have and not named:
             continue  # no source of the default merge has this component: the output lacks it too
@@ -294,10 +269,12 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
         if component == "unet":
             variant = inputs[terms[0][0]].info.variant
         components[component] = terms
-        if expression is not None:
-            expressions[component] = expression
-        keys += _component_keys(recipe, architecture, component, inputs, terms, expression)
-    first = merge_terms[0][0]
+        if source.expression is not None:
+            expressions[component] = source.expression
+        keys += _component_keys(recipe, architecture, component, inputs, source)
+        if source.varies:
+            blocks[component] = source.describe(component, [i.name for i in inputs])
+    first = merge_source.inputs[0][0]
     taken = {k.key for k in keys}
     for key in inputs[first].info.other:
         if key in taken:
@@ -307,7 +284,7 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
         dtype = native_dtype(architecture, key) if info.is_float else info.dtype
         keys.append(KeyPlan(key, "other", dtype or info.dtype, info.shape,
                             "float" if info.is_float else "integer", (Term(first, file_key, 1.0),)))
-    dropped = sum(len(inputs[i].info.ema) for i, _ in merge_terms)
+    dropped = sum(len(inputs[i].info.ema) for i, _ in merge_source.inputs)
     if dropped:
         warnings.append(f"{dropped} EMA tensors (model_ema.*) are not carried into the merge")
     for item in inputs:
@@ -319,44 +296,8 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
     recipe_hash = canonical.recipe_hash()
     metadata = _metadata(canonical, recipe_hash, inputs)
     return Plan(recipe, canonical, recipe_hash, architecture, variant, tuple(inputs), components,
-                tuple(keys), metadata, _header(metadata, keys), tuple(dict.fromkeys(warnings)), expressions)
-
-
-def _evaluation(source: Source, index_of: dict[Hashable, int]
-                ) -> tuple[tuple[tuple[int, Fraction], ...], Sum | None]:
-    """A component's source as exact leaf coefficients; where it holds a non-linear method, its
-    inputs (weight 0) and the `Sum` that evaluates it instead."""
-    flat = flatten(source)
-    if not any(isinstance(leaf, Applied) for leaf in flat):
-        return _terms(flat, index_of), None
-    used = dict.fromkeys(index_of[leaf] for leaf in iter_leaves(source))
-    return tuple((i, Fraction(0)) for i in used), _sum(flat, index_of)
-
-
-def _sum(flat: dict[Hashable, Fraction], index_of: dict[Hashable, int]) -> Sum:
-    parts: list[tuple[int | Apply, float]] = []
-    for (leaf, c) in [*_terms({k: v for k, v in flat.items() if not isinstance(k, Applied)}, index_of),
-                      *((k, v) for k, v in flat.items() if isinstance(k, Applied))]:
-        parts.append((_apply(leaf.node, index_of) if isinstance(leaf, Applied) else leaf, float(c)))
-    return Sum(tuple(parts))
-
-
-def _apply(node: Any, index_of: dict[Hashable, int]) -> Apply:
-    def compiled(value: Any) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, list):
-            return tuple(_sum(flatten(v), index_of) for v in value)
-        return _sum(flatten(value), index_of)
-    inputs = tuple((name, compiled(getattr(node, name))) for name in node.INPUTS)
-    return Apply(node.method, tuple(node.params().items()), inputs)
-
-
-def _terms(flat: dict[Hashable, Fraction], index_of: dict[Hashable, int]) -> tuple[tuple[int, Fraction], ...]:
-    merged: dict[int, Fraction] = {}
-    for leaf, c in flat.items():  # two references to one file add up
-        merged[index_of[leaf]] = merged.get(index_of[leaf], Fraction(0)) + c
-    return tuple((i, c) for i, c in merged.items() if c != 0)
+                tuple(keys), metadata, _header(metadata, keys), tuple(dict.fromkeys(warnings)), expressions,
+                blocks)
 
 
 def _common_architecture(inputs: list[PlannedInput]) -> str | None:
@@ -370,8 +311,8 @@ def _common_architecture(inputs: list[PlannedInput]) -> str | None:
 
 
 def _component_keys(recipe: Recipe, architecture: str | None, component: str,
-                    inputs: list[PlannedInput], terms: tuple[tuple[int, Fraction], ...],
-                    expression: Sum | None = None) -> list[KeyPlan]:
+                    inputs: list[PlannedInput], source: ComponentSource) -> list[KeyPlan]:
+    terms = source.inputs
     ref = inputs[terms[0][0]]
     ref_keys = set(ref.info.components[component])
     for i, _ in terms[1:]:
@@ -385,7 +326,6 @@ def _component_keys(recipe: Recipe, architecture: str | None, component: str,
                     model=holder.name, component=component, key=sorted(missing)[0],
                 )
     out_dtype = OUTPUT_DTYPES[recipe.output.dtype]
-    weight = {i: float(c) for i, c in terms}  # Fraction -> float once, not once per key
     plans = []
     for key in sorted(ref_keys | {k for i, _ in terms for k in inputs[i].info.components[component]}):
         present = [(i, c) for i, c in terms if key in inputs[i].info.components[component]]
@@ -405,7 +345,9 @@ def _component_keys(recipe: Recipe, architecture: str | None, component: str,
                 )
         if first.is_float:
             dtype = native_dtype(architecture, key) or out_dtype
-            terms_out = tuple(Term(i, fk, weight[i]) for i, _, fk in infos)
+            evaluation = source.at(component, key)  # the same object for every key unless blocks differ
+            expression, weight = evaluation.expression, evaluation.weights
+            terms_out = tuple(Term(i, fk, weight[i]) for i, _, fk in infos if i in weight)
             if expression is not None and len(infos) < len(terms):
                 missing = next(i for i, _ in terms if i not in {j for j, _, _ in infos})
                 raise LayoutMismatchError("key missing here but present in the other sources of a non-linear method",

@@ -168,7 +168,8 @@ def test_the_recipe_schema_holds_every_method_and_its_ranges():
 
     schema = recipe_schema()["$defs"]
     assert {"Ties", "Dare", "Della", "GeometricMedian", "ModelStock", "Slerp", "TaskArithmetic"} <= set(schema)
-    assert schema["Ties"]["properties"]["k"]["exclusiveMinimum"] == 0
+    number, per_block = schema["Ties"]["properties"]["k"]["oneOf"]  # a number, or one per UNet block
+    assert number["exclusiveMinimum"] == 0 and per_block == {"$ref": "#/$defs/BlockWeights"}
 
 
 @pytest.mark.parametrize("name", ["ties", "dare", "tgmd", "geometric_median"])

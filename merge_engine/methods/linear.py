@@ -10,12 +10,13 @@ inside a linear tree is one more leaf of the sum (`Applied`), evaluated per tens
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from fractions import Fraction
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from ..blocks import Number, blockwise, numbers
 from ..errors import RecipeError
 from .registry import METHODS, MethodNode, merge_method
 
@@ -23,19 +24,14 @@ if TYPE_CHECKING:  # the union of every method's node, built by recipe.py from t
     from ..recipe import Source
 
 
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    return value
-
-
-Finite = Annotated[float, AfterValidator(_finite)]
+Finite = Number
+Weight = blockwise(Finite)  # a number, or one per UNet block (blocks.py)
 
 
 class WeightedInput(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     model: Source
-    weight: Finite
+    weight: Weight
 
 
 class Uniform(MethodNode):
@@ -52,7 +48,7 @@ class Weighted(MethodNode):
 
     @model_validator(mode="after")
     def _weights(self) -> Weighted:
-        weights = [item.weight for item in self.inputs()]
+        weights = [w for item in self.inputs() for w in numbers(item.weight)]
         if all(w == 0 for w in weights):
             raise ValueError("weights are all zero")
         if self.normalize and any(w < 0 for w in weights):
@@ -83,7 +79,17 @@ class AddDifference(MethodNode):
     a: Source
     b: Source
     c: Source
-    alpha: Finite = 1.0
+    alpha: Weight = 1.0
+
+
+class WeightedSum(MethodNode):
+    """(1 - alpha) * a + alpha * b: the WebUI's weighted sum, and with alpha per block, its block merge."""
+
+    INPUTS = ("a", "b")
+    method: Literal["weighted_sum"]
+    a: Source
+    b: Source
+    alpha: Weight = 0.5
 
 
 class TaskArithmetic(MethodNode):
@@ -93,7 +99,7 @@ class TaskArithmetic(MethodNode):
     method: Literal["task_arithmetic"]
     base: Source
     models: list[Source] = Field(min_length=1)
-    alpha: Finite = 1.0
+    alpha: Weight = 1.0
 
 
 @merge_method(Uniform, linear=True)
@@ -113,6 +119,12 @@ def weighted(models: list[Any], weights: list[Any], normalize: bool = True) -> A
 def add_difference(a: Any, b: Any, c: Any, alpha: Any = 1) -> Any:
     """a + alpha * (b - c)."""
     return a + (b - c) * alpha
+
+
+@merge_method(WeightedSum, linear=True)
+def weighted_sum(a: Any, b: Any, alpha: Any = 0.5) -> Any:
+    """(1 - alpha) * a + alpha * b."""
+    return a * (1 - alpha) + b * alpha
 
 
 @merge_method(TaskArithmetic, linear=True)
@@ -182,20 +194,21 @@ def exact(value: float) -> Fraction:
     return Fraction(repr(value))
 
 
-def flatten(source: Any) -> dict[Hashable, Fraction]:
+def flatten(source: Any, number: Callable[[Any], Fraction] = exact) -> dict[Hashable, Fraction]:
     """The source as {leaf: coefficient}, leaves (model references, or `Applied` non-linear
-    nodes) in first-use order, zero coefficients dropped."""
-    terms = _form(source).terms
+    nodes) in first-use order, zero coefficients dropped. `number` turns a recipe number into an
+    exact one (the planner's also resolves block maps for the key it plans)."""
+    terms = _form(source, number).terms
     nonzero = {leaf: c for leaf, c in terms.items() if c != 0}
     if not nonzero:
         raise RecipeError("the recipe's weights cancel out: every model has weight zero")
     return nonzero
 
 
-def _form(source: Any) -> LinearForm:
+def _form(source: Any, number: Callable[[Any], Fraction]) -> LinearForm:
     if not isinstance(source, MethodNode):
         return LinearForm.leaf(source)
     method = METHODS[source.method]
     if not method.linear:
         return LinearForm.leaf(Applied(source))
-    return method(source, _form, exact)
+    return method(source, lambda child: _form(child, number), number)

@@ -7,12 +7,20 @@ docs/METHODS.md. Parameter names and defaults follow sd-mecha's, so recipes tran
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from .linear import Finite
+from ..blocks import blockwise
+from .linear import Weight
 from .registry import MethodNode, merge_method
+
+# Every float parameter may be given per UNet block (blocks.py), each value within the range.
+Probability = blockwise(Annotated[float, Field(ge=0.0, le=1.0)])
+Kept = blockwise(Annotated[float, Field(gt=0.0, le=1.0)])
+Spread = blockwise(Annotated[float, Field(ge=-1.0, le=1.0)])
+Positive = blockwise(Annotated[float, Field(gt=0.0)])
+NonNegative = blockwise(Annotated[float, Field(ge=0.0)])
 
 if TYPE_CHECKING:  # the union of every method's node, built by recipe.py from the registry
     from ..recipe import Source
@@ -22,7 +30,7 @@ class _TaskVectors(MethodNode):
     INPUTS = ("base", "models")
     base: Source
     models: list[Source] = Field(min_length=1)
-    alpha: Finite = Field(1.0, description="scales the merged task vector added to the base")
+    alpha: Weight = Field(1.0, description="scales the merged task vector added to the base")
 
 
 class Ties(_TaskVectors):
@@ -30,18 +38,18 @@ class Ties(_TaskVectors):
     deltas averaged (Yadav et al., 2023); optional DARE/DELLA dropout, geometric median or model stock."""
 
     method: Literal["ties"]
-    k: float = Field(0.2, gt=0.0, le=1.0, description="the fraction of each task vector kept, by magnitude")
+    k: Kept = Field(0.2, description="the fraction of each task vector kept, by magnitude")
     vote_sgn: bool = Field(False, description="elect signs by magnitude sum (true) or by sign count (false)")
-    probability: float = Field(0.0, ge=0.0, le=1.0, description="the probability of dropping each delta element (DARE)")
-    della_eps: float = Field(0.0, ge=-1.0, le=1.0, description="DELLA: drop probabilities spread by magnitude rank")
+    probability: Probability = Field(0.0, description="the probability of dropping each delta element (DARE)")
+    della_eps: Spread = Field(0.0, description="DELLA: drop probabilities spread by magnitude rank")
     rescale: bool = Field(True, description="divide by 1 - probability after dropout")
     seed: int = Field(0, ge=0, lt=1 << 63, description="seeds the counter-based dropout")
     apply_median: bool = Field(False, description="merge the elected deltas by their geometric median")
     apply_stock: bool = Field(False, description="scale the merged deltas by model stock's ratio")
-    cos_eps: float = Field(1e-6, gt=0.0, description="model stock's cosine guard")
-    eps: float = Field(1e-6, gt=0.0, description="Weiszfeld's smallest distance")
+    cos_eps: Positive = Field(1e-6, description="model stock's cosine guard")
+    eps: Positive = Field(1e-6, description="Weiszfeld's smallest distance")
     maxiter: int = Field(100, ge=0, le=100_000, description="Weiszfeld's iterations at most")
-    ftol: float = Field(1e-20, ge=0.0, description="Weiszfeld's relative tolerance")
+    ftol: NonNegative = Field(1e-20, description="Weiszfeld's relative tolerance")
 
     @model_validator(mode="after")
     def _one_combination(self) -> Ties:
@@ -54,16 +62,16 @@ class Della(Ties):
     """DELLA: TIES with magnitude-ranked dropout and no top-k (Deep et al., 2024)."""
 
     method: Literal["della"]
-    k: float = Field(1.0, gt=0.0, le=1.0, description="the fraction of each task vector kept, by magnitude")
-    probability: float = Field(0.9, ge=0.0, le=1.0, description="the mean probability of dropping a delta element")
-    della_eps: float = Field(0.1, ge=-1.0, le=1.0, description="drop probabilities spread by magnitude rank")
+    k: Kept = Field(1.0, description="the fraction of each task vector kept, by magnitude")
+    probability: Probability = Field(0.9, description="the mean probability of dropping a delta element")
+    della_eps: Spread = Field(0.1, description="drop probabilities spread by magnitude rank")
 
 
 class Dare(_TaskVectors):
     """DARE: drop each delta element with probability p, rescale, add (Yu et al., 2024)."""
 
     method: Literal["dare"]
-    probability: float = Field(0.9, ge=0.0, le=1.0, description="the probability of dropping each delta element")
+    probability: Probability = Field(0.9, description="the probability of dropping each delta element")
     rescale: bool = Field(True, description="divide by 1 - probability")
     seed: int = Field(0, ge=0, lt=1 << 63, description="seeds the counter-based dropout")
 
@@ -76,10 +84,10 @@ class GeometricMedian(MethodNode):
     method: Literal["geometric_median"]
     models: list[Source] = Field(min_length=1)
     base: Source | None = None
-    alpha: Finite = Field(1.0, description="with a base: scales the median task vector")
-    eps: float = Field(1e-6, gt=0.0, description="Weiszfeld's smallest distance")
+    alpha: Weight = Field(1.0, description="with a base: scales the median task vector")
+    eps: Positive = Field(1e-6, description="Weiszfeld's smallest distance")
     maxiter: int = Field(100, ge=0, le=100_000, description="Weiszfeld's iterations at most")
-    ftol: float = Field(1e-20, ge=0.0, description="Weiszfeld's relative tolerance")
+    ftol: NonNegative = Field(1e-20, description="Weiszfeld's relative tolerance")
 
 
 class ModelStock(MethodNode):
@@ -89,7 +97,7 @@ class ModelStock(MethodNode):
     method: Literal["model_stock"]
     base: Source
     models: list[Source] = Field(min_length=1)
-    cos_eps: float = Field(1e-6, gt=0.0, description="the cosine's guard against zero norms")
+    cos_eps: Positive = Field(1e-6, description="the cosine's guard against zero norms")
 
 
 class Slerp(MethodNode):
@@ -99,7 +107,7 @@ class Slerp(MethodNode):
     method: Literal["slerp"]
     a: Source
     b: Source
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="0 gives a, 1 gives b")
+    alpha: Probability = Field(0.5, description="0 gives a, 1 gives b")
 
 
 def _whole(name: str, node: type[MethodNode], inputs: dict[str, Any], params: dict[str, Any], key: str) -> Any:

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from ..blocks import BlockWeights
+
 Evaluate = Callable[[Any], Any]  # a source -> its value (a tensor, a linear form, an expression)
 
 
@@ -55,14 +57,15 @@ class MethodNode(BaseModel):
 
     def arguments(self, evaluate: Evaluate, number: Callable[[float], Any]) -> dict[str, Any]:
         """Keyword arguments for the method's function: inputs evaluated, float parameters through
-        `number` (exact fractions when a linear method runs on linear forms)."""
+        `number` (exact fractions when a linear method runs on linear forms; the planner's `number`
+        also resolves a block map to the value of the key being planned)."""
         args: dict[str, Any] = {}
         for name in self.INPUTS:
             value = getattr(self, name)
             args[name] = [evaluate(v) for v in value] if isinstance(value, list) else (
                 None if value is None else evaluate(value))
         for name, value in self.params().items():
-            args[name] = number(value) if isinstance(value, float) else value
+            args[name] = number(value) if isinstance(value, float | BlockWeights) else value
         return args
 
 
