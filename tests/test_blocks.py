@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge_engine.blocks import block_of, block_names, import_list
+from merge_engine.blocks import block_names, block_of, import_list
 from merge_engine.errors import RecipeError
 from merge_engine.execute import merge
 from merge_engine.plan import plan

@@ -9,12 +9,11 @@ inside a linear tree is one more leaf of the sum (`Applied`), evaluated per tens
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Iterable
 from fractions import Fraction
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..blocks import Number, blockwise, numbers
 from ..errors import RecipeError
