@@ -46,7 +46,7 @@ def fingerprint(plan: Plan, component: str, keys: list[KeyPlan], exact_copy: boo
     """Where a component's weights come from: its inputs (by sha256) and exact weights, and the
     dtype they are rounded to, or "stored" where they are an input's own bytes (see `_merged`)."""
     terms = tuple((plan.inputs[i].sha256, str(c)) for i, c in plan.components[component])
-    if component in plan.expressions:  # a non-linear method: its canonical source says it all
+    if component in plan.expressions or component in plan.blocks:  # weights per key: the source says it all
         canonical = plan.canonical_recipe
         source = canonical.components.get(component, canonical.merge)
         terms += (json.dumps(source if isinstance(source, str) else source.model_dump(mode="json"), sort_keys=True),)
@@ -268,7 +268,8 @@ class Anchor:
     def derivation(self, plan: Plan, component: str) -> _Derivation | None:
         """How `plan`'s component follows from the anchor's, or None if it is no cheaper."""
         if (plan.recipe.output.accumulate != "fp64" or component not in self.plan.components
-                or component in plan.expressions or component in self.plan.expressions):
+                or component in plan.expressions or component in self.plan.expressions
+                or component in plan.blocks or component in self.plan.blocks):
             return None
         full = _by_sha(self.plan, component)
         variant = _by_sha(plan, component)
