@@ -191,8 +191,11 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"recipe {summary['name'] or '(unnamed)'}  {summary['architecture']}  hash {summary['recipe_hash'][:12]}")
     for component, info in summary["components"].items():
         print(f"  {component}: {info['keys']} keys, {info['params']:,} params from")
+        names = [i["name"] for i in summary["inputs"]]
+        if "blocks" in info:
+            _print_blocks(info["blocks"], names)
+            continue
         if "evaluation" in info:
-            names = [i["name"] for i in summary["inputs"]]
             print(f"    {_evaluation_text(info['evaluation'], names)}")
             continue
         for source in info["sources"]:
@@ -202,6 +205,21 @@ def _plan(args: argparse.Namespace) -> int:
     for warning in summary["warnings"]:
         print(f"  warning: {warning}")
     return 0
+
+
+def _print_blocks(blocks: dict[str, Any], names: list[str]) -> None:
+    """One line per distinct set of block values: what set them, how many keys, the evaluation."""
+    for group in blocks["groups"]:
+        values = ", ".join(f"{field.rsplit('.', 1)[-1]}={group['values'][field]:g} ({group['set_by'][field]})"
+                           for field in blocks["fields"])
+        if "evaluation" in group:
+            how = _evaluation_text(group["evaluation"], names)
+        else:
+            how = " ".join(f"{s['weight']:+.6g}*{s['model']}" for s in group["sources"])
+        print(f"    {values}: {group['keys']} keys  {how}")
+    for override in (o for o in blocks["overrides"] if o["matched"]):
+        print(f"    override {override['field'].rsplit('.', 1)[-1]}={override['value']:g} for {override['keys']}: "
+              f"{override['matched']} keys")
 
 
 def _evaluation_text(node: Any, names: list[str]) -> str:

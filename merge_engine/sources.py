@@ -60,7 +60,6 @@ class Evaluation:
     coefficients: Coefficients
     weights: dict[int, float]
     expression: Sum | None
-    labels: tuple[str, ...]  # what set each block-mapped value (a block, default, an override)
 
 
 class ComponentSource:
@@ -78,7 +77,7 @@ class ComponentSource:
             if self.mapped else self._evaluate({}).coefficients)
         self._fixed = None if self.mapped else self._evaluate({})
         self._by_values: dict[tuple[float, ...], Evaluation] = {}
-        self.groups: dict[str, dict[tuple[float, ...], list[str]]] = {}  # component -> values -> keys
+        self.groups: dict[str, dict[tuple, list[str]]] = {}  # component -> (values, labels) -> keys
 
     @property
     def varies(self) -> bool:
@@ -102,9 +101,9 @@ class ComponentSource:
             except RecipeError as exc:
                 raise RecipeError(f"{exc.message} (with the block values of key {key})", component=component,
                                   key=key, details=exc.details) from None
-            found.labels = tuple(label for _, label in resolved)
             self._by_values[values] = found
-        self.groups.setdefault(component, {}).setdefault(values, []).append(key)
+        labels = tuple(label for _, label in resolved)
+        self.groups.setdefault(component, {}).setdefault((values, labels), []).append(key)
         return found
 
     def _evaluate(self, value_of: dict[int, float]) -> Evaluation:
@@ -117,18 +116,18 @@ class ComponentSource:
         flat = flatten(self.source, number)
         if not any(isinstance(leaf, Applied) for leaf in flat):
             coefficients = _terms(flat, self.index_of)
-            return Evaluation(coefficients, {i: float(c) for i, c in coefficients}, None, ())
+            return Evaluation(coefficients, {i: float(c) for i, c in coefficients}, None)
         used = dict.fromkeys(self.index_of[leaf] for leaf in iter_leaves(self.source))
         expression = _sum(flat, self.index_of, number, value)
-        return Evaluation(tuple((i, Fraction(0)) for i in used), dict.fromkeys(used, 0.0), expression, ())
+        return Evaluation(tuple((i, Fraction(0)) for i in used), dict.fromkeys(used, 0.0), expression)
 
     def describe(self, component: str, names: list[str]) -> dict[str, Any]:
         """The block-mapped values, and what each distinct set of them evaluates to, for the plan."""
         groups, planned = [], self.groups.get(component, {})
-        for values, keys in planned.items():
+        for (values, labels), keys in planned.items():
             found = self._by_values[values]
             entry: dict[str, Any] = {
-                "set_by": dict(zip((p for p, _ in self.mapped), found.labels, strict=True)),
+                "set_by": dict(zip((p for p, _ in self.mapped), labels, strict=True)),
                 "values": dict(zip((p for p, _ in self.mapped), values, strict=True)),
                 "keys": len(keys), "example_key": keys[0],
             }

@@ -104,3 +104,47 @@ def test_a_block_the_architecture_lacks_or_a_value_out_of_range_is_refused(make_
                                      "alpha": [0.5] * 27}}), FileResolver(tmp_path / "models"))
     with pytest.raises(RecipeError, match=r"merge\.ties\.k.*block IN00"):
         parse_recipe({"merge": {"method": "ties", "base": "a", "models": ["b"], "k": {"blocks": {"IN00": 1.5}}}})
+
+
+def test_an_sdxl_supermerger_list_weighs_each_key_by_its_block(make_model, tmp_path):
+    a = make_model("a.safetensors", "sdxl", seed=1)
+    b = make_model("b.safetensors", "sdxl", seed=2)
+    values = [round(i / 20, 4) for i in range(21)]  # BASE, IN00-IN08, M00, OUT00-OUT08, VAE
+    recipe = {"merge": {"method": "weighted_sum", "a": str(a), "b": str(b), "alpha": values},
+              "output": {"dtype": "fp32", "accumulate": "fp64"}}
+    merge_plan = plan(parse_recipe(recipe), FileResolver(tmp_path / "models"))
+    order = ["BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)), "VAE"]
+    placed = {**dict(zip(order, values, strict=True)), "TIME_EMBED": values[0], "LABEL_EMB": values[0],
+              "OUT": values[19]}
+    try:
+        expected = {}
+        for k in merge_plan.keys:
+            if k.kind == "float" and k.component != "other":
+                expected[k.key] = placed[block_of(k.component, k.key)]
+                assert {t.input: t.coefficient for t in k.terms}.get(1, 0.0) == expected[k.key], k.key
+        assert {block_of(k.component, k.key) for k in merge_plan.keys if k.component == "unet"} >= {
+            "IN08", "OUT08", "M00", "LABEL_EMB", "TIME_EMBED", "OUT"}
+        assert merge_plan.to_dict()["components"]["unet"]["blocks"]["groups"]
+        merge(merge_plan, tmp_path / "out.safetensors")
+    finally:
+        merge_plan.close()
+    out, ta, tb = (load_file(p) for p in (tmp_path / "out.safetensors", a, b))
+    for key, w in expected.items():
+        want = (ta[key].double() * (1 - w) + tb[key].double() * w).float()
+        assert torch.allclose(out[key], want, rtol=1e-6, atol=1e-7), key
+    kohya = {"method": "weighted_sum", "a": str(a), "b": str(b), "alpha": {"list": [0.5] * 25, "base": 0.5}}
+    with pytest.raises(RecipeError, match="sdxl"):  # a 25-value SD list names blocks SDXL lacks
+        plan(parse_recipe({"merge": kohya}), FileResolver(tmp_path / "models"))
+
+
+def test_the_cli_plan_shows_each_block_value_and_override(make_model, write_recipe, capsys):
+    from merge_engine.cli import main
+
+    a, b = make_model("a.safetensors", seed=1), make_model("b.safetensors", seed=2)
+    alpha = {"list": [i / 24 for i in range(25)], "base": 0.25, "overrides": [{"keys": "*attn2*", "value": 1.0}]}
+    recipe = write_recipe({"merge": {"method": "weighted_sum", "a": str(a), "b": str(b), "alpha": alpha}})
+    assert main(["plan", str(recipe)]) == 0
+    text = capsys.readouterr().out
+    assert "alpha=0.5 (M00)" in text and "+0.5*a.safetensors +0.5*b.safetensors" in text
+    assert "alpha=1 (override *attn2*)" in text and "override alpha=1 for *attn2*:" in text
+    assert "alpha=0.25 (BASE)" in text

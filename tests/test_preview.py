@@ -256,6 +256,17 @@ def test_an_in_memory_ties_recipe_equals_the_same_recipe_merged_to_disk(models, 
     assert np.array_equal(pixels(in_memory)[0], pixels(on_disk)[0])
 
 
+def test_an_in_memory_block_merge_equals_the_same_recipe_merged_to_disk(models, tmp_path):
+    alpha = {"list": [i / 24 for i in range(25)], "base": 0.25, "overrides": [{"keys": "*attn2*", "value": 1.0}]}
+    recipe = {"name": "mbw", "merge": {"method": "weighted_sum", "a": "sd2-0.safetensors",
+                                       "b": "sd2-1.safetensors", "alpha": alpha}}
+    merge(plan(parse_recipe(recipe), FileResolver(models)), tmp_path / "mbw.safetensors")
+    sampling = Sampling(prompts=("a cat",), seeds=(3,), **SMALL)
+    in_memory = render_previews([target(models, recipe, "mbw")], sampling, tmp_path / "mem")
+    on_disk = render_previews([target(tmp_path, "mbw.safetensors", "mbw")], sampling, tmp_path / "disk")
+    assert np.array_equal(pixels(in_memory)[0], pixels(on_disk)[0])
+
+
 def test_a_text_encoder_swap_rewrites_only_the_text_encoder(models):
     resolver = FileResolver(models)
     base = plan(parse_recipe({"merge": "sd2-0.safetensors"}), resolver)
