@@ -23,6 +23,8 @@ from .checkpoint import ITEMSIZE, Checkpoint, FileVersion, open_checkpoint
 from .errors import ArchitectureError, InputChangedError, LayoutMismatchError, ResolveError
 from .hashing import hash_fd, hash_version
 from .jsonsafe import try_loads
+from .lora import LoraDelta
+from .methods import LoraLeaf
 from .recipe import (
     COMPONENTS,
     Leaf,
@@ -165,6 +167,8 @@ class Plan:
             "output": {"keys": len(self.keys), "bytes": self.output_size, "dtype": self.recipe.output.dtype,
                        "accumulate": self.recipe.output.accumulate},
             "bytes_to_read": self.bytes_to_read,
+            **({"loras": {i.name: i.checkpoint.report.to_dict() for i in self.inputs if isinstance(i.checkpoint, LoraDelta)}}
+               if any(isinstance(i.checkpoint, LoraDelta) for i in self.inputs) else {}),
             "warnings": list(self.warnings),
         }
 
@@ -180,26 +184,35 @@ def plan(recipe: Recipe, resolver: Resolver) -> Plan:
 
 
 def _open_inputs(recipe: Recipe, resolver: Resolver) -> tuple[list[PlannedInput], dict[Hashable, int]]:
+    """Every leaf opened once per file: checkpoints first, then LoRA files, read as the deltas
+    they add to the checkpoints' keys (so their architecture is known first)."""
     inputs: list[PlannedInput] = []
-    by_path: dict[Path, int] = {}
+    by_path: dict[tuple[Path, bool], int] = {}
     index_of: dict[Hashable, int] = {}
+    leaves = all_leaves(recipe)
     try:
-        for leaf in all_leaves(recipe):
-            resolved = resolver(leaf)
+        for leaf in [*(x for x in leaves if not isinstance(x, LoraLeaf)), *(x for x in leaves if isinstance(x, LoraLeaf))]:
+            ref = leaf.ref if isinstance(leaf, LoraLeaf) else leaf
+            resolved = resolver(ref)
             real = resolved.path.resolve()
-            if real not in by_path:
+            if (real, isinstance(leaf, LoraLeaf)) not in by_path:
+                if (real, not isinstance(leaf, LoraLeaf)) in by_path:
+                    raise ResolveError("the recipe takes this file both as a checkpoint and as a LoRA",
+                                       model=resolved.name)
                 checkpoint = open_checkpoint(real, name=resolved.name)
-                by_path[real] = len(inputs)
-                label = leaf.label() if isinstance(leaf, ModelLeaf) else leaf
+                by_path[real, isinstance(leaf, LoraLeaf)] = len(inputs)
+                label = ref.label() if isinstance(ref, ModelLeaf) else ref
                 sha256, legacy = _hashes(checkpoint, resolved)
+                if isinstance(leaf, LoraLeaf):
+                    checkpoint = _lora_delta(checkpoint, inputs, recipe)
                 inputs.append(PlannedInput(label, real, resolved.name, sha256, legacy, checkpoint, _detect(checkpoint)))
-            found = inputs[by_path[real]]
-            if isinstance(leaf, ModelLeaf) and leaf.sha256 and leaf.sha256 != found.sha256:
+            found = inputs[by_path[real, isinstance(leaf, LoraLeaf)]]
+            if isinstance(ref, ModelLeaf) and ref.sha256 and ref.sha256 != found.sha256:
                 raise ResolveError(
-                    f"file {found.path.name} has sha256 {found.sha256[:10]}…, the recipe asks for {leaf.sha256[:10]}…",
-                    model=leaf.label(),
+                    f"file {found.path.name} has sha256 {found.sha256[:10]}…, the recipe asks for {ref.sha256[:10]}…",
+                    model=ref.label(),
                 )
-            index_of[leaf] = by_path[real]
+            index_of[leaf] = by_path[real, isinstance(leaf, LoraLeaf)]
     except BaseException:
         for item in inputs:
             item.checkpoint.close()
@@ -226,12 +239,37 @@ def _hashes(checkpoint: Checkpoint, resolved: ResolvedModel) -> tuple[str, str]:
     return hashes.sha256, hashes.legacy
 
 
+def _lora_delta(checkpoint: Checkpoint, inputs: list[PlannedInput], recipe: Recipe) -> LoraDelta:
+    """A LoRA file as deltas on the keys of the recipe's checkpoints (their components and shapes)."""
+    try:
+        models = [i for i in inputs if not i.info.flags.get("lora")]
+        architecture = _common_architecture(models)
+        components: dict[str, tuple[str, ...]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for item in models:
+            for component, keys in item.info.components.items():
+                components.setdefault(component, keys)
+                for key in keys:
+                    shapes.setdefault(key, item.checkpoint.tensors[item.info.key_map.get(key, key)].shape)
+        dtype = "F64" if recipe.output.accumulate == "fp64" else "F32"
+        return LoraDelta(checkpoint, architecture, components, shapes, dtype)
+    except BaseException:
+        checkpoint.close()
+        raise
+
+
+def _is_lora(item: PlannedInput) -> bool:
+    return bool(item.info.flags.get("lora"))
+
+
 _DETECTED: dict[tuple[FileVersion, str], ModelInfo] = {}
 DETECTED_CACHE_FILES = 64  # each holds a file's key lists: a few hundred KB for SDXL
 
 
 def _detect(checkpoint: Checkpoint) -> ModelInfo:
     """Detection once per file version: the service plans the same files again and again."""
+    if isinstance(checkpoint, LoraDelta):
+        return checkpoint.info
     version = (checkpoint.version, checkpoint.name)
     info = _DETECTED.get(version)
     if info is None:
@@ -256,22 +294,24 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
         source = ComponentSource(recipe.components[component], index_of, f"components.{component}",
                                  architecture) if named else merge_source
         terms = source.inputs
-        have = [i for i, _ in terms if component in inputs[i].info.components]
+        have = [i for i, _ in terms if component in inputs[i].info.components and not _is_lora(inputs[i])]
         if not have and not named:
             continue  # no source of the default merge has this component: the output lacks it too
         for i, _ in terms:
-            if component not in inputs[i].info.components:
+            if component not in inputs[i].info.components and not _is_lora(inputs[i]):
                 raise LayoutMismatchError(
                     f"model has no {component} but the recipe takes {component} from it",
                     model=inputs[i].name, component=component,
                 )
-        warnings += check_compatible([(inputs[i].name, inputs[i].info) for i, _ in terms], component)
+        terms = tuple((i, c) for i, c in terms if component in inputs[i].info.components or not _is_lora(inputs[i]))
+        warnings += check_compatible([(inputs[i].name, inputs[i].info) for i, _ in terms if not _is_lora(inputs[i])],
+                                     component)
         if component == "unet":
             variant = inputs[terms[0][0]].info.variant
         components[component] = terms
         if source.expression is not None:
             expressions[component] = source.expression
-        keys += _component_keys(recipe, architecture, component, inputs, source)
+        keys += _component_keys(recipe, architecture, component, inputs, source, terms)
         if source.varies:
             blocks[component] = source.describe(component, [i.name for i in inputs])
     first = merge_source.inputs[0][0]
@@ -289,6 +329,9 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
         warnings.append(f"{dropped} EMA tensors (model_ema.*) are not carried into the merge")
     for item in inputs:
         warnings += [f"{item.name}: {w}" for w in item.info.warnings]
+        if isinstance(item.checkpoint, LoraDelta) and (unmatched := item.checkpoint.report.unmatched):
+            warnings.append(f"{item.name}: {len(unmatched)} of its {item.checkpoint.report.modules} LoRA modules "
+                            f"match no layer of this model and are not baked (e.g. {unmatched[0]})")
     keys = _lay_out(sorted(keys, key=lambda k: k.key))
     canonical = rewrite_leaves(
         recipe, lambda leaf: {"sha256": inputs[index_of[leaf]].sha256, "name": inputs[index_of[leaf]].path.name}
@@ -311,10 +354,18 @@ def _common_architecture(inputs: list[PlannedInput]) -> str | None:
 
 
 def _component_keys(recipe: Recipe, architecture: str | None, component: str,
-                    inputs: list[PlannedInput], source: ComponentSource) -> list[KeyPlan]:
-    terms = source.inputs
+                    inputs: list[PlannedInput], source: ComponentSource,
+                    terms: tuple[tuple[int, Fraction], ...]) -> list[KeyPlan]:
+    """Every key of the component, checked across its sources. A LoRA's deltas cover some keys
+    only: they are checked against the model's keys, and the other keys are the model's own."""
+    loras = [(i, c) for i, c in source.inputs if _is_lora(inputs[i])]
+    terms = tuple((i, c) for i, c in terms if not _is_lora(inputs[i]))
     ref = inputs[terms[0][0]]
     ref_keys = set(ref.info.components[component])
+    for i, _ in loras:
+        if extra := sorted(set(inputs[i].info.components.get(component, ())) - ref_keys):
+            raise LayoutMismatchError("LoRA changes a key the model lacks", model=inputs[i].name,
+                                      component=component, key=extra[0])
     for i, _ in terms[1:]:
         other = inputs[i]
         theirs = set(other.info.components[component])
@@ -329,6 +380,7 @@ def _component_keys(recipe: Recipe, architecture: str | None, component: str,
     plans = []
     for key in sorted(ref_keys | {k for i, _ in terms for k in inputs[i].info.components[component]}):
         present = [(i, c) for i, c in terms if key in inputs[i].info.components[component]]
+        present += [(i, c) for i, c in loras if key in inputs[i].info.components.get(component, ())]
         infos = [(i, c, inputs[i].info.key_map.get(key, key)) for i, c in present]
         first = inputs[infos[0][0]].checkpoint.tensors[infos[0][2]]
         for i, _, file_key in infos[1:]:
@@ -348,15 +400,33 @@ def _component_keys(recipe: Recipe, architecture: str | None, component: str,
             evaluation = source.at(component, key)  # the same object for every key unless blocks differ
             expression, weight = evaluation.expression, evaluation.weights
             terms_out = tuple(Term(i, fk, weight[i]) for i, _, fk in infos if i in weight)
-            if expression is not None and len(infos) < len(terms):
-                missing = next(i for i, _ in terms if i not in {j for j, _, _ in infos})
-                raise LayoutMismatchError("key missing here but present in the other sources of a non-linear method",
-                                          model=inputs[missing].name, component=component, key=key)
+            if expression is not None:
+                have = {j for j, _, _ in infos}
+                if missing := [i for i, _ in terms if i not in have]:
+                    raise LayoutMismatchError("key missing here but present in the other sources of a non-linear "
+                                              "method", model=inputs[missing[0]].name, component=component, key=key)
+                if absent := frozenset(i for i, _ in loras if i not in have):
+                    expression = _without(expression, absent)  # a LoRA that leaves this key as it is
             plans.append(KeyPlan(key, component, dtype, first.shape, "float", terms_out, 0, expression))
         else:  # integers are copied, never averaged; every source must agree
             plans.append(KeyPlan(key, component, first.dtype, first.shape, "integer",
                                  tuple(Term(i, fk, 1.0) for i, _, fk in infos)))
     return plans
+
+
+def _without(total: Sum, absent: frozenset[int]) -> Sum:
+    """The evaluation with the parts reading `absent` inputs (LoRA deltas of other keys) left out."""
+    def inner(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(_without(v, absent) for v in value)
+        return None if value is None else _without(value, absent)
+    parts = []
+    for part, c in total.parts:
+        if isinstance(part, Apply):
+            parts.append((Apply(part.method, part.params, tuple((n, inner(v)) for n, v in part.inputs)), c))
+        elif part not in absent:
+            parts.append((part, c))
+    return Sum(tuple(parts))
 
 
 def _lay_out(keys: list[KeyPlan]) -> list[KeyPlan]:

@@ -2,6 +2,7 @@
 weighted sums (methods.linear), non-linear ones streamed per tensor (methods.nonlinear, whose
 programs live in methods.programs). Importing this package does not import torch."""
 
+from .bake import Lora, LoraInput, LoraLeaf, lora
 from .linear import (
     AddDifference,
     Applied,
@@ -37,6 +38,6 @@ __all__ = [
     "METHODS", "Method", "MethodNode", "merge_method", "LinearForm", "Applied", "exact", "flatten",
     "Uniform", "Weighted", "WeightedInput", "AddDifference", "TaskArithmetic",
     "Ties", "Della", "Dare", "GeometricMedian", "ModelStock", "Slerp",
-    "uniform", "weighted", "add_difference", "task_arithmetic",
+    "uniform", "weighted", "add_difference", "task_arithmetic", "Lora", "LoraInput", "LoraLeaf", "lora",
     "ties", "della", "dare", "geometric_median", "model_stock", "slerp",
 ]
