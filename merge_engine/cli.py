@@ -245,8 +245,15 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['file']}: {info['architecture'] or 'unknown family'} ({info['variant'] or 'no unet'}), "
-          f"{info['format']}, {info['size']:,} bytes")
+    if "lora" in info:
+        lora = info["lora"]
+        kinds = ", ".join(f"{v} {k}" for k, v in lora["kinds"].items())
+        parts = ", ".join(f"{k} {v}" for k, v in lora["parts"].items())
+        print(f"{info['file']}: LoRA for {lora['trained_for'] or 'an unstated architecture'}, {lora['modules']} modules "
+              f"({kinds}; {parts}), {info['format']}, {info['size']:,} bytes")
+    else:
+        print(f"{info['file']}: {info['architecture'] or 'unknown family'} ({info['variant'] or 'no unet'}), "
+              f"{info['format']}, {info['size']:,} bytes")
     for component, c in info["components"].items():
         dtypes = ", ".join(f"{k}x{v}" for k, v in c["dtypes"].items())
         layout = "published layout" if c["reference_layout"] else "custom shapes"

@@ -7,9 +7,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .architecture import detect
+from . import lora
+from .architecture import ModelInfo, detect
 from .checkpoint import FileVersion, open_checkpoint
-from .errors import InputChangedError
+from .errors import CheckpointError, InputChangedError
 from .hashing import hash_fd, hash_version
 from .jsonsafe import try_loads
 
@@ -23,7 +24,13 @@ def inspect_version(path: str | os.PathLike[str], *, hashes: bool = True) -> tup
     one open file, and a file that changed meanwhile is an error (InputChangedError)."""
     path = Path(path)
     with open_checkpoint(path) as checkpoint:
-        info = detect(checkpoint.tensors, model=checkpoint.name)
+        try:
+            info = detect(checkpoint.tensors, model=checkpoint.name)
+        except CheckpointError:
+            found, _ = lora.modules(checkpoint)
+            if not found:
+                raise
+            info = ModelInfo(lora.trained_for(checkpoint, found), None, flags={"lora": True})
         components = {}
         for component, keys in info.components.items():
             tensors = [checkpoint.tensors[info.key_map.get(k, k)] for k in keys]
@@ -46,6 +53,8 @@ def inspect_version(path: str | os.PathLike[str], *, hashes: bool = True) -> tup
             "metadata": {k: _maybe_json(v) for k, v in checkpoint.metadata.items()},
             "warnings": list(info.warnings),
         }
+        if info.flags.get("lora"):
+            result["lora"] = lora.summary(checkpoint)
         if hashes:
             fd = checkpoint.fileno()
             found, version = hash_fd(fd, path.resolve()) if fd is not None else hash_version(path)

@@ -199,6 +199,22 @@ def modules(checkpoint: Checkpoint) -> tuple[dict[str, Module], list[str]]:
     return found, stray
 
 
+def summary(checkpoint: Checkpoint) -> dict[str, Any]:
+    """What `inspect` tells of a LoRA file: its modules by kind and by the part they train."""
+    found, stray = modules(checkpoint)
+    kinds: dict[str, int] = {}
+    parts: dict[str, int] = {}
+    for module in found.values():
+        roles = set(module.factors) - {"alpha"}
+        kind = module.unsupported or ("lora" if "up" in roles else "loha" if "w1a" in roles else "lokr")
+        kinds[kind] = kinds.get(kind, 0) + 1
+        part = "unet" if module.name.startswith(("lora_unet_", "unet.")) else "text_encoder_2" if module.name.startswith(
+            ("lora_te2_", "text_encoder_2.")) else "text_encoder" if module.name.startswith(("lora_te", "text_encoder.")) else "other"
+        parts[part] = parts.get(part, 0) + 1
+    return {"modules": len(found), "kinds": kinds, "parts": parts, "trained_for": trained_for(checkpoint, found),
+            "other_tensors": len(stray)}
+
+
 @dataclass(frozen=True)
 class Report:
     """What the pre-flight found in one LoRA file."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from merge_engine.architecture import layout
 from merge_engine.cli import main as cli
@@ -265,6 +266,24 @@ def test_an_in_memory_block_merge_equals_the_same_recipe_merged_to_disk(models, 
     in_memory = render_previews([target(models, recipe, "mbw")], sampling, tmp_path / "mem")
     on_disk = render_previews([target(tmp_path, "mbw.safetensors", "mbw")], sampling, tmp_path / "disk")
     assert np.array_equal(pixels(in_memory)[0], pixels(on_disk)[0])
+
+
+def test_an_in_memory_lora_bake_equals_the_baked_file(models, tmp_path):
+    from test_lora import KOHYA_SD2, write_lora
+
+    lora = tmp_path / "lora" / "style.safetensors"
+    lora.parent.mkdir()
+    write_lora(lora, load_file(models / "sd2-0.safetensors"), KOHYA_SD2, seed=3)
+    recipe = {"name": "baked", "merge": {"method": "lora", "model": "sd2-0.safetensors",
+                                         "loras": [{"lora": str(lora), "strength": 0.7}]}}
+    merge(plan(parse_recipe(recipe), FileResolver(models)), tmp_path / "baked.safetensors")
+    sampling = Sampling(prompts=("a cat",), seeds=(3,), **SMALL)
+    mem = Target("baked", parse_recipe(recipe), FileResolver(models), "baked")
+    in_memory = render_previews([mem], sampling, tmp_path / "mem")
+    on_disk = render_previews([target(tmp_path, "baked.safetensors", "baked")], sampling, tmp_path / "disk")
+    plain = render_previews([target(models, "sd2-0.safetensors", "plain")], sampling, tmp_path / "plain")
+    assert np.array_equal(pixels(in_memory)[0], pixels(on_disk)[0])
+    assert not np.array_equal(pixels(in_memory)[0], pixels(plain)[0])
 
 
 def test_a_text_encoder_swap_rewrites_only_the_text_encoder(models):

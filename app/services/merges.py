@@ -27,6 +27,7 @@ from app.settings import Settings
 from merge_engine.a1111 import apply_resolution, convert_a1111, is_a1111_metadata
 from merge_engine.errors import RecipeError, ResolveError
 from merge_engine.hashing import LEGACY_LENGTH, LEGACY_OFFSET
+from merge_engine.methods import LoraLeaf
 from merge_engine.plan import ResolvedModel, plan
 from merge_engine.recipe import Leaf, ModelLeaf, Recipe, all_leaves, parse_recipe
 
@@ -57,6 +58,7 @@ class RegistryResolver:
         self.resolved: dict[Leaf, ResolvedModel] = {}
         unresolved = []
         for leaf in all_leaves(recipe):
+            leaf = leaf.ref if isinstance(leaf, LoraLeaf) else leaf  # the planner resolves a LoRA's reference
             if settings is not None and (stored := _artifact(session, settings, leaf)) is not None:
                 self.resolved[leaf] = stored
                 continue

@@ -64,11 +64,15 @@ class Lora(MethodNode):
 
     def map_sources(self, fn):
         return {"method": "lora", "model": fn(self.model),
-                "loras": [{"lora": fn(i.leaf()), "strength": i.strength} for i in self.loras]}
+                "loras": [{"lora": _reference(fn(i.leaf())), "strength": i.strength} for i in self.loras]}
 
     def arguments(self, evaluate, number):
         return {"model": evaluate(self.model), "deltas": [evaluate(i.leaf()) for i in self.loras],
                 "strengths": [number(i.strength) for i in self.loras]}
+
+
+def _reference(value: Any) -> Any:
+    return value.ref if isinstance(value, LoraLeaf) else value
 
 
 @merge_method(Lora, linear=True)

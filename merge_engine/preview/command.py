@@ -98,10 +98,12 @@ def _absolute(target):
     other files' recipes (a sweep's variants) under one resolver."""
     from dataclasses import replace
 
+    from merge_engine.methods import LoraLeaf
     from merge_engine.recipe import rewrite_leaves
 
     def absolute(leaf):
-        return str(target.resolver(leaf).path.resolve()) if isinstance(leaf, str) else leaf
+        ref = leaf.ref if isinstance(leaf, LoraLeaf) else leaf
+        return str(target.resolver(ref).path.resolve()) if isinstance(ref, str) else ref
 
     return replace(target, recipe=rewrite_leaves(target.recipe, absolute))
 

@@ -233,3 +233,37 @@ def test_a_method_parameter_out_of_range_is_a_422_naming_method_and_field(client
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == "invalid_recipe" and field in error["message"]
+
+
+def test_a_lora_registers_and_bakes_through_the_api(client, run_tasks, ready_model, model_root):
+    from safetensors.torch import load, load_file
+
+    from tests.test_lora import KOHYA_SD2, U, write_lora
+
+    base = ready_model("sd2-1.safetensors", "base")
+    model = load_file(model_root / "sd2-1.safetensors")
+    deltas = write_lora(model_root / "style.safetensors", model, KOHYA_SD2)
+    lora = ready_model("style.safetensors", "style")
+    assert lora["architecture"] is None and lora["components"] == {}
+    recipe = {"merge": {"method": "lora", "model": "base", "loras": [{"lora": "style", "strength": 0.5}]},
+              "output": {"dtype": "fp32", "accumulate": "fp64"}}
+    planned = client.post("/merges/plan", json=recipe)
+    assert planned.status_code == 200, planned.text
+    assert planned.json()["loras"]["style"]["unmatched"] == 0
+    job = client.post("/merges", json=recipe).json()
+    assert job["recipe"]["merge"]["loras"][0]["lora"] == {"sha256": lora["sha256"], "name": "style.safetensors"}
+    assert job["recipe"]["merge"]["model"]["sha256"] == base["sha256"]
+    run_tasks()
+    job = client.get(f"/merges/{job['id']}").json()
+    assert job["status"] == "succeeded", job
+    out = load(client.get(job["artifact"]["url"]).content)
+    key = U + "output_blocks.5.1.proj_out.weight"
+    assert torch_close(out[key], model[key].double() + 0.5 * deltas[key])
+    bad = client.post("/merges", json={"merge": {"method": "lora", "model": "base", "loras": [{"lora": "nowhere"}]}})
+    assert bad.status_code == 422 and "nowhere" in bad.text
+
+
+def torch_close(a, b) -> bool:
+    import torch
+
+    return bool(torch.allclose(a.double(), b, rtol=1e-6, atol=1e-6))
