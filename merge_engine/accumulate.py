@@ -102,21 +102,27 @@ class CpuAccumulator:
         if bool(low >= -limit) and bool(high <= limit):
             return
         self.blame_non_finite(key, start, stop, acc.cpu())
-        if not bool(torch.isfinite(result).all()):  # the rounding itself overflowed
-            raise NonFiniteError(f"the merged values overflow {key.dtype}; choose a wider output dtype",
+        if result.element_size() == 1 or not bool(torch.isfinite(result).all()):  # the rounding overflowed
+            # (fp8 too: torch saturates some casts, and a clipped weight is no more honest than an Inf)
+            raise NonFiniteError(f"the merged values overflow {key.dtype} (beyond ±{limit:g}); choose a wider output dtype",
                                  component=key.component, key=key.key)
 
     def blame_non_finite(self, key: KeyPlan, start: int, stop: int, acc: torch.Tensor) -> None:
         """The sum is not finite (or only its reduction overflowed): find the input at fault."""
         staging = torch.empty((stop - start) * 8, dtype=torch.uint8)
         for j, term in enumerate(key.terms):
-            if not bool(torch.isfinite(self.read(key, j, start, stop, staging)).all()):
+            if not bool(torch.isfinite(_wide(self.read(key, j, start, stop, staging))).all()):
                 raise NonFiniteError(
                     'input tensor holds NaN or Inf (set output.non_finite to "keep" to merge anyway)',
                     model=self.plan.inputs[term.input].name, component=key.component, key=key.key,
                 )
         if not bool(torch.isfinite(acc).all()):
             raise NonFiniteError("the weighted sum overflows", component=key.component, key=key.key)
+
+
+def _wide(values: torch.Tensor) -> torch.Tensor:
+    """fp8 widened (torch has no isfinite for it); other dtypes as they are."""
+    return values.float() if values.element_size() == 1 else values
 
 
 class DeviceAccumulator(CpuAccumulator):

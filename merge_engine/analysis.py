@@ -285,7 +285,7 @@ class _Pass(StreamingPass):
         """A sum went non-finite somewhere in `items` (component, block, keys): name the input."""
         for component, _, keys in dict.fromkeys((c, b, tuple(k)) for c, b, k in items):
             for checkpoint, key in zip(self.checkpoints, keys, strict=True):
-                if not bool(torch.isfinite(checkpoint.read_tensor(key)).all()):
+                if not bool(torch.isfinite(checkpoint.read_tensor(key).float()).all()):
                     raise NonFiniteError("tensor holds NaN or Inf", model=checkpoint.name, component=component,
                                          key=key)
         component, _, keys = items[0]

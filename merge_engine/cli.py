@@ -43,6 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(handler=_merge)
 
+    writing = argparse.ArgumentParser(add_help=False)
+    writing.add_argument("-o", "--output", type=Path, required=True)
+    writing.add_argument("--dtype", choices=["fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2"], default="fp16")
+    for flag in ("--threads", "--device", "--overwrite", "--hash", "--quiet"):
+        writing.add_argument(flag, **({"type": int, "default": 0} if flag == "--threads" else {"default": "cpu"}
+                                      if flag == "--device" else {"action": "store_true"}))
+
+    p = sub.add_parser("export", parents=[roots, writing], help="write components of a model alone (a VAE- "
+                                                                "or text-encoder-only file)")
+    p.add_argument("model", help="the checkpoint")
+    p.add_argument("components", nargs="+", metavar="COMPONENT", choices=[*PARTS, "clip_l", "clip_g"],
+                   help="unet, text_encoder (clip_l), text_encoder_2 (clip_g), vae")
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser("assemble", parents=[roots, writing], help="a checkpoint from parts: the UNet of one "
+                                                                  "file, the text encoder or VAE of others")
+    for part in ("unet", "text-encoder", "clip-l", "text-encoder-2", "clip-g", "vae"):
+        p.add_argument(f"--{part}", metavar="FILE", dest=part.replace("-", "_"))
+    p.set_defaults(handler=_assemble)
+
     p = sub.add_parser("plan", parents=[roots], help="dry run: resolve and check a recipe, read no weights")
     p.add_argument("recipe", type=Path)
     p.add_argument("--json", action="store_true")
@@ -150,16 +170,45 @@ def _fail_unresolved(unresolved: list[Any]) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    recipe, resolver = load_recipe(args)
+    return _write(recipe, resolver, args)
+
+
+PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .recipe import parse_recipe
+    from .resolve import FileResolver
+
+    recipe = {"merge": args.model, "output": {"components": args.components, "dtype": args.dtype}}
+    return _write(parse_recipe(recipe), FileResolver(Path.cwd(), args.model_root), args)
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    from .recipe import parse_recipe
+    from .resolve import FileResolver
+
+    given = {name: getattr(args, name) for name in ("unet", "text_encoder", "clip_l", "text_encoder_2", "clip_g", "vae")
+             if getattr(args, name)}
+    if "unet" not in given:
+        raise RecipeError("assemble needs --unet (the file every other part is taken over)")
+    parts = {name: path for name, path in given.items() if name != "unet"}
+    recipe = {"merge": given["unet"], "components": parts, "output": {"dtype": args.dtype}}
+    return _write(parse_recipe(recipe), FileResolver(Path.cwd(), args.model_root), args)
+
+
+def _write(recipe: Any, resolver: Any, args: argparse.Namespace) -> int:
     from . import kernels
     from .execute import ExecOptions, merge
     from .plan import plan
     from .progress import ProgressBar
 
-    recipe, resolver = load_recipe(args)
     merge_plan = plan(recipe, resolver)
     try:
         bar = None if args.quiet else ProgressBar(sys.stderr)
-        options = ExecOptions(threads=args.threads, device=args.device, verify_inputs=args.verify_inputs)
+        options = ExecOptions(threads=args.threads, device=args.device,
+                              verify_inputs=getattr(args, "verify_inputs", False))
         result = merge(merge_plan, args.output, options=options, progress=bar, overwrite=args.overwrite,
                        compute_sha256=args.hash)
         if bar:

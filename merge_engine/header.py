@@ -26,8 +26,9 @@ from typing import Any, BinaryIO
 
 from .errors import CheckpointError
 
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+            "I8": 1, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 MAX_TENSORS = 1 << 16  # a full SDXL checkpoint with EMA holds about 5,000
 MAX_RANK = 8  # convolution weights have 4 dimensions, 3D ones 5

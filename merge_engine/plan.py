@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,13 @@ from typing import Any
 from . import __version__
 from .architecture import ModelInfo, check_compatible, detect, native_dtype
 from .checkpoint import ITEMSIZE, Checkpoint, FileVersion, open_checkpoint
-from .errors import ArchitectureError, InputChangedError, LayoutMismatchError, ResolveError
+from .errors import (
+    ArchitectureError,
+    InputChangedError,
+    LayoutMismatchError,
+    RecipeError,
+    ResolveError,
+)
 from .hashing import hash_fd, hash_version
 from .jsonsafe import try_loads
 from .lora import LoraDelta
@@ -38,7 +45,8 @@ from .sources import Apply, ComponentSource, Sum
 
 __all__ = ["Apply", "KeyPlan", "Plan", "PlannedInput", "ResolvedModel", "Resolver", "Sum", "Term", "plan"]
 
-OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "fp8_e4m3fn": "F8_E4M3", "fp8_e5m2": "F8_E5M2"}
+STANDALONE_VAE_PREFIX = "first_stage_model."  # a VAE written alone drops it, as models/VAE files do
 OPTIONAL_KEYS = ("position_ids",)  # files written by transformers >= 4.31 lack it
 MAX_CARRIED_LINEAGE = 4 << 20  # an input's recorded lineage bigger than this is not carried forward
 
@@ -165,7 +173,10 @@ class Plan:
             "components": per_component,
             "other_keys": sum(1 for k in self.keys if k.component == "other"),
             "output": {"keys": len(self.keys), "bytes": self.output_size, "dtype": self.recipe.output.dtype,
-                       "accumulate": self.recipe.output.accumulate},
+                       "accumulate": self.recipe.output.accumulate,
+                       **({"component_dtypes": self.recipe.output.component_dtypes}
+                          if self.recipe.output.component_dtypes else {}),
+                       **({"components": self.recipe.output.components} if self.recipe.output.components else {})},
             "bytes_to_read": self.bytes_to_read,
             **({"loras": {i.name: i.checkpoint.report.to_dict() for i in self.inputs if isinstance(i.checkpoint, LoraDelta)}}
                if any(isinstance(i.checkpoint, LoraDelta) for i in self.inputs) else {}),
@@ -289,7 +300,10 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
     blocks: dict[str, dict[str, Any]] = {}
     keys: list[KeyPlan] = []
     variant = None
+    written = recipe.output.components
     for component in COMPONENTS:
+        if written is not None and component not in written:
+            continue
         named = component in recipe.components
         source = ComponentSource(recipe.components[component], index_of, f"components.{component}",
                                  architecture) if named else merge_source
@@ -314,9 +328,12 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
         keys += _component_keys(recipe, architecture, component, inputs, source, terms)
         if source.varies:
             blocks[component] = source.describe(component, [i.name for i in inputs])
+    if written is not None and (missing := [c for c in written if c not in components]):
+        raise LayoutMismatchError(f"output.components asks for {missing[0]}, which no source of the merge has",
+                                  component=missing[0])
     first = merge_source.inputs[0][0]
     taken = {k.key for k in keys}
-    for key in inputs[first].info.other:
+    for key in inputs[first].info.other if written is None or "unet" in written else ():
         if key in taken:
             continue
         file_key = inputs[first].info.key_map.get(key, key)
@@ -324,7 +341,10 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
         dtype = native_dtype(architecture, key) if info.is_float else info.dtype
         keys.append(KeyPlan(key, "other", dtype or info.dtype, info.shape,
                             "float" if info.is_float else "integer", (Term(first, file_key, 1.0),)))
-    dropped = sum(len(inputs[i].info.ema) for i, _ in merge_source.inputs)
+    keys = _drop_keys(recipe, keys, warnings)
+    if written == ["vae"]:
+        keys = [replace(k, key=k.key.removeprefix(STANDALONE_VAE_PREFIX)) for k in keys]
+    dropped = sum(len(inputs[i].info.ema) for i, _ in merge_source.inputs) if written is None or "unet" in written else 0
     if dropped:
         warnings.append(f"{dropped} EMA tensors (model_ema.*) are not carried into the merge")
     for item in inputs:
@@ -341,6 +361,26 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
     return Plan(recipe, canonical, recipe_hash, architecture, variant, tuple(inputs), components,
                 tuple(keys), metadata, _header(metadata, keys), tuple(dict.fromkeys(warnings)), expressions,
                 blocks)
+
+
+def _drop_keys(recipe: Recipe, keys: list[KeyPlan], warnings: list[str]) -> list[KeyPlan]:
+    """The keys no `output.drop_keys` pattern matches; a pattern that matches nothing is a warning."""
+    patterns = [re.compile(p) for p in recipe.output.drop_keys]
+    if not patterns:
+        return keys
+    matched = [0] * len(patterns)
+    kept = []
+    for k in keys:
+        hits = [n for n, p in enumerate(patterns) if p.search(k.key)]
+        for n in hits:
+            matched[n] += 1
+        if not hits:
+            kept.append(k)
+    for pattern, count in zip(recipe.output.drop_keys, matched, strict=True):
+        warnings.append(f"drop_keys {pattern!r} matched no key" if not count else f"drop_keys {pattern!r}: {count} keys not written")
+    if not kept:
+        raise RecipeError("output.drop_keys drops every key: the output would be empty")
+    return kept
 
 
 def _common_architecture(inputs: list[PlannedInput]) -> str | None:
@@ -376,7 +416,7 @@ def _component_keys(recipe: Recipe, architecture: str | None, component: str,
                     f"key missing here but present in the other sources ({len(missing)} keys differ)",
                     model=holder.name, component=component, key=sorted(missing)[0],
                 )
-    out_dtype = OUTPUT_DTYPES[recipe.output.dtype]
+    out_dtype = OUTPUT_DTYPES[recipe.output.component_dtypes.get(component, recipe.output.dtype)]
     plans = []
     for key in sorted(ref_keys | {k for i, _ in terms for k in inputs[i].info.components[component]}):
         present = [(i, c) for i, c in terms if key in inputs[i].info.components[component]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any, Literal, Union
 
@@ -30,7 +31,8 @@ from .methods import METHODS, MethodNode, WeightedInput
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 ComponentName = Literal["unet", "text_encoder", "text_encoder_2", "vae"]
-DType = Literal["fp16", "bf16", "fp32"]
+DType = Literal["fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
+ALIASES = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}  # SDXL's two encoders (SD1's is a CLIP-L)
 
 
 class _Frozen(BaseModel):
@@ -108,6 +110,42 @@ class OutputOptions(_Frozen):
     metadata: dict[str, str] = Field(
         default_factory=dict, description="more text entries for the output's safetensors metadata (e.g. "
                                           "modelspec.title, or sdmerge_study: the selection study behind the recipe)")
+    component_dtypes: dict[ComponentName, DType] = Field(
+        default_factory=dict, description="a dtype per component, over `dtype` (e.g. {\"unet\": \"fp8_e4m3fn\"})")
+    components: list[ComponentName] | None = Field(
+        default=None, min_length=1, description="write only these components (a text-encoder- or VAE-only file); "
+                                                "a VAE alone is written as a standalone VAE, without first_stage_model.")
+    drop_keys: list[str] = Field(default_factory=list, description="regular expressions: keys that match one are "
+                                                                 "not written (re.search)")
+
+    @field_validator("component_dtypes", mode="before")
+    @classmethod
+    def _dtype_aliases(cls, value: Any) -> Any:
+        return {ALIASES.get(k, k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("components", mode="before")
+    @classmethod
+    def _component_aliases(cls, value: Any) -> Any:
+        return [ALIASES.get(v, v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @field_validator("components")
+    @classmethod
+    def _distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("a component is named twice")
+        return value
+
+    @field_validator("drop_keys")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not pattern or len(pattern) > 1000:
+                raise ValueError("a drop_keys pattern is 1 to 1000 characters")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"drop_keys pattern {pattern!r} is not a regular expression: {exc}") from None
+        return value
 
     @field_validator("metadata")
     @classmethod
@@ -125,8 +163,9 @@ class OutputOptions(_Frozen):
     def _without_empty_metadata(self, handler: Any) -> dict[str, Any]:
         # A recipe without metadata keeps the canonical form (and hash) it had before the field.
         data = handler(self)
-        if not data.get("metadata"):
-            data.pop("metadata", None)
+        for name in ("metadata", "component_dtypes", "components", "drop_keys"):
+            if not data.get(name):
+                data.pop(name, None)
         return data
 
 
@@ -135,6 +174,17 @@ class Recipe(_Frozen):
     merge: Source
     components: dict[ComponentName, Source] = Field(default_factory=dict)
     output: OutputOptions = OutputOptions()
+
+    @field_validator("components", mode="before")
+    @classmethod
+    def _aliases(cls, value: Any) -> Any:
+        """clip_l and clip_g name SDXL's text encoders as users do."""
+        if not isinstance(value, dict):
+            return value
+        named = {ALIASES.get(k, k): v for k, v in value.items()}
+        if len(named) != len(value):
+            raise ValueError("a component is named twice (clip_l is text_encoder, clip_g text_encoder_2)")
+        return named
 
     @field_validator("name")
     @classmethod

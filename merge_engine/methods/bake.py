@@ -32,7 +32,10 @@ class LoraLeaf:
 class LoraInput(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     lora: Any = Field(description="the LoRA file: a path, a name, sha256:<hex>, or {sha256, name}",
-                      json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, {"$ref": "#/$defs/ModelLeaf"}]})
+                      json_schema_extra={"anyOf": [
+                          {"type": "string", "minLength": 1},
+                          {"type": "object", "properties": {"sha256": {"type": "string"}, "name": {"type": "string"}},
+                           "additionalProperties": False}]})
     strength: Weight = Field(default=1.0, description="the LoRA's weight; per block, e.g. "
                                                      "{\"blocks\": {\"BASE\": 0}, \"default\": 1} for the UNet only")
 

@@ -52,7 +52,7 @@ def fingerprint(plan: Plan, component: str, keys: list[KeyPlan], exact_copy: boo
         terms += (json.dumps(source if isinstance(source, str) else source.model_dump(mode="json"), sort_keys=True),)
     stored = exact_copy or all(_is_copy(plan, key) for key in keys)
     output = plan.recipe.output
-    return component, terms, "stored" if stored else (output.dtype, output.accumulate)
+    return component, terms, "stored" if stored else (output.component_dtypes.get(component, output.dtype), output.accumulate)
 
 
 def _is_copy(plan: Plan, key: KeyPlan) -> bool:
