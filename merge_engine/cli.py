@@ -313,6 +313,9 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  metadata {key}: {text[:100]}{'…' if len(text) > 100 else ''}")
     for name, value in (info.get("hashes") or {}).items():
         print(f"  {name}: {value}")
+    if "hash_ok" in info.get("modelspec", {}):
+        print("  modelspec hash_sha256: " + ("matches the data" if info["modelspec"]["hash_ok"]
+                                            else "DOES NOT match the data (edited or corrupted)"))
     for warning in info["warnings"]:
         print(f"  warning: {warning}")
     return 0

@@ -33,6 +33,7 @@ from .buffers import address_of
 from .checkpoint import ITEMSIZE
 from .errors import InputChangedError, LayoutMismatchError, OptionsError, RecipeError, StorageError
 from .hashing import sha256_fd
+from .labels import seal
 from .output import ALIGN, BLOCK_BYTES, BlockWriter
 from .passes import Progress, StreamingPass, thread_count, torch_device
 from .plan import KeyPlan, Plan
@@ -80,6 +81,7 @@ class MergeResult:
     sha256: str | None
     metadata: dict[str, str]
     seconds: float
+    autov3: str | None = None  # the data section's sha256, as modelspec.hash_sha256 records it
 
 
 def merge(
@@ -109,19 +111,26 @@ def merge(
         try:
             created = _make_parents(output.parent)
             tmp_parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)  # read back by the seal
         except OSError as exc:
             raise StorageError(f"cannot write the output in {exc.filename or output.parent}: {exc.strerror}",
                                model=output.name) from None
         try:
             _reserve(fd, plan.output_size, output)
+            # With a ModelSpec hash slot the blocks give the data section's sha256 (AutoV3) as they go
+            # out, and the whole file's is read back after the seal; without one, the file's directly.
+            sealed = plan.hash_slot is not None
+            hash_from = len(plan.header) if sealed else 0 if compute_sha256 else None
             writer = BlockWriter(fd, plan.output_size, threads=thread_count(options.threads),
-                                 hash_output=compute_sha256, name=output.name, block_bytes=options.block_bytes)
+                                 hash_from=hash_from, name=output.name, block_bytes=options.block_bytes)
             verifier = _InputHashes(plan) if options.verify_inputs else None
             try:
                 writer.put(0, plan.header)
                 _Run(plan, writer, options, progress, should_cancel).run_threads()
                 digest = writer.finish()
+                autov3 = None
+                if sealed:
+                    autov3, digest = seal(fd, plan, autov3=digest, sha256=compute_sha256)
             except BaseException:
                 writer.abort()
                 if verifier:
@@ -143,7 +152,8 @@ def merge(
             except OSError:
                 pass
         raise
-    return MergeResult(output, plan.output_size, digest, plan.metadata, time.perf_counter() - started)
+    return MergeResult(output, plan.output_size, digest, plan.sealed_metadata(autov3), time.perf_counter() - started,
+                       autov3)
 
 
 def check_inputs_unchanged(plan: Plan) -> None:

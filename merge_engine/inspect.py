@@ -62,6 +62,10 @@ def inspect_version(path: str | os.PathLike[str], *, hashes: bool = True) -> tup
                 raise InputChangedError("the file changed while it was inspected", model=checkpoint.name,
                                         details={"path": str(path)})
             result["hashes"] = found.to_dict()
+        if spec := {k.removeprefix("modelspec."): v for k, v in checkpoint.metadata.items() if k.startswith("modelspec.")}:
+            if hashes and found.autov3 and "hash_sha256" in spec:  # the ModelSpec label checked against the data
+                spec["hash_ok"] = spec["hash_sha256"].lower() == "0x" + found.autov3
+            result["modelspec"] = spec
     return result, checkpoint.version
 
 

@@ -10,8 +10,9 @@ page cache, with writeback started as they go so the final fsync finds little le
 
 Chunks finish out of order on several threads, so a block is complete when the bytes put into it
 add up to its length. At most `2 * threads + 6` blocks are held: a thread that needs a new block
-while all are taken waits for one to be written. If asked, the sha256 of the whole file is
-computed from the blocks in file order before their buffers are reused: nothing is read back.
+while all are taken waits for one to be written. If asked, the sha256 of the file from a given
+offset on (the whole file, or the data section after the header: labels.py) is computed from the
+blocks in file order before their buffers are reused: nothing is read back.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ WRITER_THREADS = 2
 
 
 class BlockWriter:
-    def __init__(self, fd: int, size: int, *, threads: int, hash_output: bool, name: str,
+    def __init__(self, fd: int, size: int, *, threads: int, hash_from: int | None, name: str,
                  block_bytes: int = BLOCK_BYTES):
         self.fd, self.size, self.block, self.name = fd, size, block_bytes, name
         self.direct = _set_direct(fd, True)
@@ -46,7 +47,8 @@ class BlockWriter:
         self.limit = 2 * threads + 6
         self.error: BaseException | None = None
         self.to_write: queue.SimpleQueue = queue.SimpleQueue()
-        self.digest = hashlib.sha256() if hash_output else None
+        self.digest = hashlib.sha256() if hash_from is not None else None
+        self.hash_from = hash_from or 0
         self.to_hash: dict[int, HostBuffer] = {}
         self.next_to_hash = 0
         self.writers = [threading.Thread(target=self._write_blocks, daemon=True) for _ in range(WRITER_THREADS)]
@@ -78,7 +80,7 @@ class BlockWriter:
             done += n
 
     def finish(self) -> str | None:
-        """Wait until every block is written; cut the file to its size. The sha256 if asked."""
+        """Wait until every block is written; cut the file to its size. The sha256 from `hash_from` if asked."""
         self._stop_writers()
         if self.error is not None:
             raise self.error
@@ -174,8 +176,9 @@ class BlockWriter:
                 buffer = self.to_hash.pop(self.next_to_hash, None)
                 if buffer is None:
                     return
-                length = self._length(self.next_to_hash)
-            self.digest.update(buffer.view[:length])
+                start, length = self.next_to_hash * self.block, self._length(self.next_to_hash)
+            if start + length > self.hash_from:
+                self.digest.update(buffer.view[max(0, self.hash_from - start):length])
             with self.changed:
                 self.next_to_hash += 1
             self._recycle(buffer)

@@ -18,7 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, labels
 from .architecture import ModelInfo, check_compatible, detect, native_dtype
 from .checkpoint import ITEMSIZE, Checkpoint, FileVersion, open_checkpoint
 from .errors import (
@@ -48,6 +48,7 @@ __all__ = ["Apply", "KeyPlan", "Plan", "PlannedInput", "ResolvedModel", "Resolve
 OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "fp8_e4m3fn": "F8_E4M3", "fp8_e5m2": "F8_E5M2"}
 STANDALONE_VAE_PREFIX = "first_stage_model."  # a VAE written alone drops it, as models/VAE files do
 OPTIONAL_KEYS = ("position_ids",)  # files written by transformers >= 4.31 lack it
+EMA_PREFIX = "model_ema."
 MAX_CARRIED_LINEAGE = 4 << 20  # an input's recorded lineage bigger than this is not carried forward
 
 
@@ -128,6 +129,7 @@ class Plan:
     warnings: tuple[str, ...]
     expressions: dict[str, Sum] = field(default_factory=dict)  # the non-linear components' evaluation
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)  # components whose weights vary per block
+    hash_slot: int | None = None  # where the header reserves modelspec.hash_sha256's digits (labels.py)
 
     @property
     def output_size(self) -> int:
@@ -138,6 +140,12 @@ class Plan:
         return sum(
             self.inputs[t.input].checkpoint.tensors[t.key].nbytes for k in self.keys for t in k.terms
         )
+
+    def sealed_metadata(self, autov3: str | None) -> dict[str, str]:
+        """The metadata as written, the reserved hash filled in."""
+        if self.hash_slot is None or autov3 is None:
+            return self.metadata
+        return {**self.metadata, labels.HASH_KEY: "0x" + autov3}
 
     def close(self) -> None:
         for item in self.inputs:
@@ -341,10 +349,16 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
         dtype = native_dtype(architecture, key) if info.is_float else info.dtype
         keys.append(KeyPlan(key, "other", dtype or info.dtype, info.shape,
                             "float" if info.is_float else "integer", (Term(first, file_key, 1.0),)))
+    keep_ema = recipe.output.ema == "keep" and "unet" in components
+    if keep_ema:
+        keys += _ema_keys(keys, components["unet"], inputs)
+    elif recipe.output.ema == "keep":
+        warnings.append("output.ema is keep but the output has no UNet: there is no EMA to keep")
     keys = _drop_keys(recipe, keys, warnings)
     if written == ["vae"]:
         keys = [replace(k, key=k.key.removeprefix(STANDALONE_VAE_PREFIX)) for k in keys]
-    dropped = sum(len(inputs[i].info.ema) for i, _ in merge_source.inputs) if written is None or "unet" in written else 0
+    dropped = 0 if keep_ema else sum(len(inputs[i].info.ema) for i, _ in merge_source.inputs) \
+        if written is None or "unet" in written else 0
     if dropped:
         warnings.append(f"{dropped} EMA tensors (model_ema.*) are not carried into the merge")
     for item in inputs:
@@ -357,10 +371,57 @@ def _plan(recipe: Recipe, inputs: list[PlannedInput], index_of: dict[Hashable, i
         recipe, lambda leaf: {"sha256": inputs[index_of[leaf]].sha256, "name": inputs[index_of[leaf]].path.name}
     )
     recipe_hash = canonical.recipe_hash()
-    metadata = _metadata(canonical, recipe_hash, inputs)
+    spec: dict[str, str] = {}
+    if recipe.output.modelspec:
+        merged = [i for i in inputs if not _is_lora(i)]
+        spec, notes = labels.modelspec(
+            architecture=architecture, variant=variant, components=components,
+            title=recipe.name or f"sdmerge {recipe_hash[:10]}", given=recipe.output.metadata,
+            inputs=[(i.path.name, i.checkpoint.metadata) for i in merged])
+        warnings += notes
+    metadata = _metadata(canonical, recipe_hash, inputs, spec)
+    header = _header(metadata, keys)
     return Plan(recipe, canonical, recipe_hash, architecture, variant, tuple(inputs), components,
-                tuple(keys), metadata, _header(metadata, keys), tuple(dict.fromkeys(warnings)), expressions,
-                blocks)
+                tuple(keys), metadata, header, tuple(dict.fromkeys(warnings)), expressions,
+                blocks, labels.hash_slot(header))
+
+
+def _ema_keys(keys: list[KeyPlan], unet: tuple[tuple[int, Fraction], ...], inputs: list[PlannedInput]) -> list[KeyPlan]:
+    """Kept EMA weights, merged as the UNet is: each `model_ema.` copy of a UNet tensor (LitEma's
+    names: the key after `model.` with its dots removed) takes that tensor's sum or evaluation,
+    read from each source's EMA copy. EMA bookkeeping (decay, num_updates) is the first source's."""
+    sources = [i for i, _ in unet]
+    for i in sources:
+        if _is_lora(inputs[i]):
+            raise RecipeError("output.ema keep cannot be combined with a LoRA baked into the UNet: a LoRA has no "
+                              "EMA weights", model=inputs[i].name, component="unet")
+        if not inputs[i].info.ema:
+            raise LayoutMismatchError("output.ema is keep but this model has no EMA weights (model_ema.*)",
+                                      model=inputs[i].name, component="unet")
+    by_ema_name = {EMA_PREFIX + k.key.removeprefix("model.").replace(".", ""): k for k in keys if k.component == "unet"}
+    first = inputs[sources[0]]
+    out = []
+    for ema_key in first.info.ema:
+        info = first.checkpoint.tensors[ema_key]
+        for i in sources[1:]:
+            theirs = inputs[i].checkpoint.tensors.get(ema_key)
+            if theirs is None:
+                raise LayoutMismatchError("EMA key missing here but present in the other sources",
+                                          model=inputs[i].name, component="unet", key=ema_key)
+            if theirs.shape != info.shape:
+                raise LayoutMismatchError(f"EMA shape {list(theirs.shape)} differs from {list(info.shape)} in "
+                                          f"{first.name}", model=inputs[i].name, component="unet", key=ema_key)
+        base = by_ema_name.get(ema_key)
+        if base is None:  # decay, num_updates: not weights
+            out.append(KeyPlan(ema_key, "unet", info.dtype, info.shape, "float" if info.is_float else "integer",
+                               (Term(sources[0], ema_key, 1.0),)))
+        elif base.shape != info.shape:
+            raise LayoutMismatchError(f"EMA shape {list(info.shape)} differs from the UNet's {list(base.shape)}",
+                                      model=first.name, component="unet", key=ema_key)
+        else:
+            terms = tuple(Term(t.input, ema_key, t.coefficient) for t in base.terms)
+            out.append(KeyPlan(ema_key, "unet", base.dtype, base.shape, base.kind, terms, 0, base.expression))
+    return out
 
 
 def _drop_keys(recipe: Recipe, keys: list[KeyPlan], warnings: list[str]) -> list[KeyPlan]:
@@ -477,8 +538,10 @@ def _lay_out(keys: list[KeyPlan]) -> list[KeyPlan]:
     return out
 
 
-def _metadata(canonical: Recipe, recipe_hash: str, inputs: list[PlannedInput]) -> dict[str, str]:
-    """Provenance: our canonical recipe, plus A1111's two keys so the WebUI shows the lineage."""
+def _metadata(canonical: Recipe, recipe_hash: str, inputs: list[PlannedInput],
+              spec: dict[str, str]) -> dict[str, str]:
+    """Provenance: our canonical recipe, A1111's two keys so the WebUI shows the lineage, and the
+    ModelSpec labels (labels.py) other tools read."""
     models: dict[str, Any] = {}
     for item in inputs:  # like the WebUI, carry the inputs' own lineage forward (if it is readable)
         lineage = item.checkpoint.metadata.get("sd_merge_models", "")
@@ -497,6 +560,7 @@ def _metadata(canonical: Recipe, recipe_hash: str, inputs: list[PlannedInput]) -
     }
     return {
         **canonical.output.metadata,
+        **spec,
         "format": "pt",
         "sdmerge_version": __version__,
         "sdmerge_recipe": canonical.canonical_json(),

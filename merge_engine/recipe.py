@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from . import jsonsafe
+from . import jsonsafe, labels
 from .errors import RecipeError
 from .methods import METHODS, MethodNode, WeightedInput
 
@@ -97,7 +97,7 @@ for _node in (WeightedInput, *(m.node for m in METHODS.values())):
 
 
 RESERVED_METADATA = ("format", "sdmerge_version", "sdmerge_recipe", "sdmerge_recipe_hash", "sdmerge_inputs",
-                     "sd_merge_recipe", "sd_merge_models")
+                     "sd_merge_recipe", "sd_merge_models", *labels.RESERVED)
 MAX_METADATA_BYTES = 1 << 20
 
 
@@ -117,6 +117,10 @@ class OutputOptions(_Frozen):
                                                 "a VAE alone is written as a standalone VAE, without first_stage_model.")
     drop_keys: list[str] = Field(default_factory=list, description="regular expressions: keys that match one are "
                                                                  "not written (re.search)")
+    modelspec: bool = Field(default=True, description="write the ModelSpec labels (modelspec.*: architecture, title, "
+                                                      "resolution, prediction_type, merged_from, hash_sha256)")
+    ema: Literal["drop", "keep"] = Field(default="drop", description="EMA weights (model_ema.*): drop them, or keep "
+                                                                    "them, merged as the UNet is")
 
     @field_validator("component_dtypes", mode="before")
     @classmethod
@@ -165,6 +169,9 @@ class OutputOptions(_Frozen):
         data = handler(self)
         for name in ("metadata", "component_dtypes", "components", "drop_keys"):
             if not data.get(name):
+                data.pop(name, None)
+        for name, default in (("modelspec", True), ("ema", "drop")):
+            if data.get(name) == default:
                 data.pop(name, None)
         return data
 

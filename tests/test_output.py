@@ -38,7 +38,7 @@ def test_pieces_from_threads_make_the_exact_file(tmp_path, monkeypatch, direct, 
     path = tmp_path / "out.bin"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     os.ftruncate(fd, size)
-    writer = BlockWriter(fd, size, threads=3, hash_output=True, name="out.bin", block_bytes=BLOCK)
+    writer = BlockWriter(fd, size, threads=3, hash_from=0, name="out.bin", block_bytes=BLOCK)
     work = pieces(size, seed=size)
 
     def put(share: list[tuple[int, int]]) -> None:
@@ -65,7 +65,7 @@ def test_pieces_from_threads_make_the_exact_file(tmp_path, monkeypatch, direct, 
 
 def test_claim_refuses_ranges_it_cannot_hand_out(tmp_path):
     fd = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT, 0o644)
-    writer = BlockWriter(fd, 3 * BLOCK, threads=1, hash_output=False, name="out.bin", block_bytes=BLOCK)
+    writer = BlockWriter(fd, 3 * BLOCK, threads=1, hash_from=None, name="out.bin", block_bytes=BLOCK)
     assert writer.claim(BLOCK - 4, 8, 2) is None  # crosses a block boundary
     assert writer.claim(2, 8, 4) is None  # not aligned for a 4-byte type
     assert len(writer.claim(4, 8, 4)) == 8
@@ -76,7 +76,7 @@ def test_claim_refuses_ranges_it_cannot_hand_out(tmp_path):
 def test_a_failing_disk_is_a_clear_error():
     """/dev/full refuses every write with ENOSPC, as a disk that fills up halfway would."""
     fd = os.open("/dev/full", os.O_WRONLY)
-    writer = BlockWriter(fd, 4 * BLOCK, threads=2, hash_output=True, name="merged.safetensors", block_bytes=BLOCK)
+    writer = BlockWriter(fd, 4 * BLOCK, threads=2, hash_from=0, name="merged.safetensors", block_bytes=BLOCK)
     with pytest.raises(StorageError, match="disk is full") as raised:
         for offset in range(0, 4 * BLOCK, BLOCK):
             writer.put(offset, bytes(BLOCK))
