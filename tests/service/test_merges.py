@@ -40,6 +40,12 @@ def test_submit_run_and_download(client, run_tasks, two_models, settings):
     assert 'filename="soup.safetensors"' in download.headers["content-disposition"]
     metadata = client.get(f"/artifacts/{artifact['id']}/metadata").json()
     assert json.loads(metadata["sdmerge_recipe"]) == job["recipe"]
+    # The ModelSpec hash sealed into the header is the AutoV3 of the bytes served, and the stored
+    # metadata is the file's own (the hash filled in).
+    data_start = 8 + int.from_bytes(download.content[:8], "little")
+    assert metadata["modelspec.hash_sha256"] == "0x" + hashlib.sha256(download.content[data_start:]).hexdigest()
+    assert json.loads(download.content[8:data_start])["__metadata__"] == metadata
+    assert metadata["modelspec.title"] == "soup"
     assert data_files(settings) == [f"artifacts/{artifact['sha256'][:2]}/{artifact['sha256']}.safetensors"]
 
 
