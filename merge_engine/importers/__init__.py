@@ -11,6 +11,8 @@ never an approximation. Importing reads no weights and imports no torch.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -111,6 +113,30 @@ def import_data(data: Any) -> Imported | None:
     if supermerger.is_supermerger_metadata(data):
         return supermerger.convert_metadata(data)
     return None
+
+
+def resolve_refs(recipe: Recipe, overrides: Mapping[str, str]) -> Recipe:
+    """The recipe with each model reference an override names (by the whole reference, e.g. a
+    .mecha path, or by its file name) replaced by the override's; an override naming no
+    reference is an error, so a typo is not silently ignored."""
+    from ..recipe import ModelLeaf, all_leaves, rewrite_leaves
+
+    refs = [leaf for leaf in all_leaves(recipe) if isinstance(leaf, str)]
+    for key in overrides:
+        if not any(key in (ref, _base_name(ref)) for ref in refs):
+            raise RecipeError(f"resolve names {key!r}, which is no model reference of this recipe", model=key,
+                              details={"references": refs[:100]})
+
+    def swap(leaf: Any) -> Any:
+        if isinstance(leaf, ModelLeaf):
+            return leaf.model_dump(mode="json")
+        return overrides.get(leaf, overrides.get(_base_name(leaf), leaf))
+
+    return rewrite_leaves(recipe, swap) if overrides else recipe
+
+
+def _base_name(ref: str) -> str:
+    return re.split(r"[/\\]", ref)[-1]
 
 
 def _only(data: dict[str, Any], allowed: set[str], what: str) -> None:
