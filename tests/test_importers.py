@@ -193,6 +193,15 @@ def test_cli_plans_merges_and_imports_a_mecha_file(sd1_models, tmp_path, capsys)
     assert "line 4 (merge): a method sdmerge cannot run exactly: 'rotate'" in capsys.readouterr().err
 
 
+def test_a_mecha_file_is_a_preview_target(sd1_models):
+    from merge_engine.preview.command import _target
+
+    shutil.copy(DATA / "mecha" / "block-soup.mecha", sd1_models / "target.mecha")
+    target = _target(str(sd1_models / "target.mecha"), [])
+    assert target.recipe == convert_mecha((DATA / "mecha" / "block-soup.mecha").read_text()).recipe
+    assert target.label == "target" and target.resolver.base_dir == sd1_models
+
+
 def test_body_forms_and_resolve():
     imported = import_data({"mecha": MECHA_HEAD + 'merge "weighted_sum" &0 &1'})
     recipe = resolve_refs(imported.recipe, {"a.safetensors": "registered-a", "b.safetensors": "sha256:0123456789"})
