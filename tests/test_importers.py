@@ -288,8 +288,11 @@ def test_history_rows_merge_as_supermergers_formulas(sd2_models, tmp_path, mode,
                        states[0]["cond_stage_model.model.positional_embedding"])
 
 
-def test_history_fixture_rows_and_refusals():
+def test_history_fixture_rows_and_refusals(tmp_path, capsys):
     text = (DATA / "supermerger" / "mergehistory.csv").read_text()
+    (tmp_path / "history.txt").write_text(text)  # known by its header (csv.writer's, unquoted), not its suffix
+    assert main(["recipe", "import", str(tmp_path / "history.txt"), "--row", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["merge"]["alpha"]["default"] == 0.3
     first = convert_history(text, row=1)
     assert first.recipe.name == "ws-plain" and first.recipe.merge.a == "sha256:0123456789"
     assert first.recipe.merge.alpha.default == 0.3 and first.recipe.output.dtype == "fp16"
@@ -350,6 +353,8 @@ def test_saved_metadata_converts_and_merges(sd2_models, tmp_path, capsys):
     expected = by_formula("Add", states, dict(zip(BLOCKS, SD26, strict=True)), 0.0)
     for key, value in expected.items():
         torch.testing.assert_close(ours[key].double(), value.float().double(), rtol=2e-7, atol=2e-7, msg=key)
+    assert main(["recipe", "convert", str(saved)]) == 2  # A1111's converter points to the importer
+    assert "`sdmerge recipe import` converts supermerger's own record" in capsys.readouterr().err
     (tmp_path / "metadata.json").write_text(json.dumps(metadata))
     assert main(["plan", str(tmp_path / "metadata.json"), "--model-root", str(folder)]) == 0
     assert main(["plan", str(tmp_path / "metadata.json")]) == 2

@@ -66,7 +66,8 @@ def detect(path: Path, raw: bytes) -> str | None:
     head = raw[:4096].lstrip(b"\xef\xbb\xbf").lstrip()
     if path.suffix.lower() == ".mecha" or head.startswith(b"version "):
         return "mecha"
-    if path.suffix.lower() == ".csv" or head.startswith(b'"ID","time"'):
+    # rwmergelog writes the header quoted; overwrite_last_weights rewrites it with csv.writer, unquoted
+    if path.suffix.lower() == ".csv" or head.startswith((b'"ID","time","name"', b"ID,time,name,")):
         return "supermerger-history"
     return None
 
