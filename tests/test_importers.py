@@ -96,8 +96,13 @@ def mecha_recipes(folder: Path) -> list[tuple[object, dict]]:
         (linear.add_difference(a, ties.ties_sum(linear.subtract(b, a), linear.subtract(c, a), k=0.5, vote_sgn=True),
                                alpha=0.8),
          {"method": "ties", "base": paths[0], "models": paths[1:], "alpha": 0.8, "k": 0.5, "vote_sgn": True}),
-        (linear.add_difference(a, ties.model_stock(linear.subtract(b, a), linear.subtract(c, a))),
-         {"method": "model_stock", "base": paths[0], "models": paths[1:], "cos_eps": 1e-6}),
+        (linear.add_difference(a, ties.ties_sum_extended(linear.subtract(b, a), linear.subtract(c, a), k=0.5,
+                                                         apply_median=True, maxiter=50), alpha=0.5),
+         {"method": "ties", "base": paths[0], "models": paths[1:], "alpha": 0.5, "k": 0.5, "apply_median": True,
+          **common, "maxiter": 50}),
+        (linear.add_difference(a, ties.ties_sum_extended(linear.subtract(b, a), linear.subtract(c, a), k=0.5,
+                                                         apply_stock=True)),
+         {"method": "ties", "base": paths[0], "models": paths[1:], "k": 0.5}),
     ]
 
 
@@ -124,16 +129,32 @@ def test_the_hand_written_fixture_is_sd_mecha_grammar_and_merges_as_sd_mecha_doe
     ours = run(fp32(imported), sd1_models, tmp_path / "ours.safetensors")
     # the fixture names its models relative to itself; sd-mecha finds them under its model dirs
     absolute = re.sub(r'model "(m\d\.safetensors)"', lambda m: f'model "{sd1_models / m.group(1)}"', text)
-    theirs = sd_mecha.merge(sd_mecha.deserialize(absolute.rstrip("\n")),  # it reads a last empty line as an error
-                            output_dtype=torch.float32, merge_dtype=torch.float32, threads=1,
-                            output=tmp_path / "mecha.safetensors")
-    theirs = load_file(tmp_path / "mecha.safetensors") if theirs is None else theirs
+    sd_mecha.merge(sd_mecha.deserialize(absolute.rstrip("\n")),  # it reads a last empty line as an error
+                   output_dtype=torch.float32, merge_dtype=torch.float32, threads=1,
+                   output=tmp_path / "mecha.safetensors")
+    theirs = load_file(tmp_path / "mecha.safetensors")
     compared = 0
     for key, value in ours.items():
         if value.is_floating_point() and key in theirs:
             torch.testing.assert_close(value, theirs[key].float(), rtol=1e-6, atol=1e-6, msg=key)
             compared += 1
     assert compared > 100
+
+
+def test_an_imported_ties_recipe_merges_as_sd_mecha_does(sd1_models, tmp_path):
+    from sd_mecha.extensions.builtin.merge_methods import linear, ties
+
+    a, b, c = (sd_mecha.model(str(sd1_models / f"m{i}.safetensors")) for i in range(3))
+    recipe = linear.add_difference(a, ties.ties_sum_extended(linear.subtract(b, a), linear.subtract(c, a), k=0.5,
+                                                             apply_stock=True), alpha=0.75)
+    ours = run(fp32(convert_mecha(sd_mecha.serialize(recipe)).recipe), sd1_models, tmp_path / "ours.safetensors")
+    sd_mecha.merge(recipe, output_dtype=torch.float32, merge_dtype=torch.float32, threads=1,
+                   output=tmp_path / "mecha.safetensors")
+    theirs = load_file(tmp_path / "mecha.safetensors")
+    floats = [k for k, v in ours.items() if v.is_floating_point() and k in theirs]
+    assert len(floats) > 100
+    for key in floats:
+        torch.testing.assert_close(ours[key], theirs[key].float(), rtol=1e-6, atol=1e-6, msg=key)
 
 
 MECHA_HEAD = 'version 0.1.0\nmodel "a.safetensors" model_config="sd1-ldm" merge_space="weight"\n' \
@@ -158,11 +179,15 @@ MECHA_HEAD = 'version 0.1.0\nmodel "a.safetensors" model_config="sd1-ldm" merge_
     (MECHA_HEAD + 'merge "subtract" &1 &0\nmerge "subtract" &0 &1\nmerge "ties_sum_with_dropout" &2 &3\n'
                   'merge "add_difference" &0 &4', r"line 6 \(merge\): deltas: the task vectors are taken over "
                                                   r"different bases"),
-    (MECHA_HEAD + 'merge "subtract" &1 &0\nmerge "ties_sum_with_dropout" &2 probability=0.5\n'
+    (MECHA_HEAD + 'merge "subtract" &1 &0\nmerge "ties_sum_with_dropout" &2 probability=0.5 apply_stock=true\n'
                   'merge "add_difference" &0 &3', r"line 5 \(merge\): ties_sum_with_dropout has no seed"),
     (MECHA_HEAD + 'merge "subtract" &1 &0\nmerge "ties_sum" &2\nmerge "add_difference" &1 &3',
      r"line 6 \(merge\): the task vectors of ties are taken over another base"),
     (MECHA_HEAD + 'merge "add_difference" &0 &1', r"line 4 \(merge\): add_difference adds a difference"),
+    (MECHA_HEAD + 'merge "subtract" &1 &0\nmerge "model_stock" &2\nmerge "add_difference" &0 &3',
+     r"line 5 \(merge\): model_stock: sd-mecha's model stock takes its cosine per row"),
+    (MECHA_HEAD + 'merge "subtract" &1 &0\nmerge "ties_sum_extended" &2\nmerge "add_difference" &0 &3',
+     r"line 5 \(merge\): ties_sum_extended with apply_stock false \(sd-mecha then applies model stock"),
 ])
 def test_mecha_refusals_name_the_line_and_instruction(text, message):
     with pytest.raises(RecipeError, match=message):
@@ -170,7 +195,8 @@ def test_mecha_refusals_name_the_line_and_instruction(text, message):
 
 
 def test_dropout_is_imported_with_its_seed_and_a_warning():
-    text = MECHA_HEAD + 'merge "subtract" &1 &0\nmerge "ties_sum_with_dropout" &2 probability=0.5 seed=7\n' \
+    text = MECHA_HEAD + 'merge "subtract" &1 &0\nmerge "ties_sum_with_dropout" &2 probability=0.5 seed=7 ' \
+                        'apply_stock=true\n' \
                         'merge "add_difference" &0 &3'
     imported = convert_mecha(text)
     assert imported.recipe.merge.method == "ties" and imported.recipe.merge.seed == 7

@@ -18,7 +18,10 @@ as a `sd1-/sdxl-supermerger_blocks` literal passed through `convert_sd1_blocks_t
 sd-mecha works in two spaces, models ("weight") and differences ("delta"); each method is
 mapped by what it computes: `subtract` makes a delta, `add_difference(a, delta, alpha)` adds one,
 so `add_difference(a, subtract(b, c))` is sdmerge's add_difference and `add_difference(base,
-ties_sum(subtract(m, base)...))` its ties. A shape sdmerge has no method for is refused.
+ties_sum(subtract(m, base)...))` its ties. A shape sdmerge has no method for is refused, and so is
+sd-mecha's model stock (`model_stock`, and `ties_sum_extended` / `ties_sum_with_dropout` with
+`apply_stock` false, which is when its code applies it): its cosine is taken per row over
+consecutive pairs of models, sdmerge's per tensor over all pairs, so the merges differ.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from ..recipe import parse_recipe
 from . import Imported, exact_number
 
 VERSION = "version 0.1.0"
+STOCK_DIFFERS = ("{what}: sd-mecha's model stock takes its cosine per row of a tensor over consecutive pairs of "
+                 "models, sdmerge's per tensor over all pairs (docs/METHODS.md): not the same merge")
 CONSTANTS: dict[str, Any] = {"null": None, "true": True, "false": False}
 # Model configs whose keys are the original LDM/SGM checkpoint names sdmerge reads; configs of
 # other key formats (kohya, diffusers, LoRA) or architectures sdmerge lacks are refused.
@@ -174,7 +179,7 @@ def parse_lines(text: str) -> list[Line]:
 @dataclass(frozen=True)
 class Delta:
     """A value in sd-mecha's delta space: `models[i] - base` for each i (one for `subtract`), and
-    how they are combined (`kind`: diff, ties, median, stock) with the method's parameters."""
+    how they are combined (`kind`: diff, ties, median) with the method's parameters."""
 
     kind: str
     base: Any
@@ -294,8 +299,7 @@ class _Converter:
         if method not in SIGNATURES:
             what = "a model conversion" if method.startswith("convert_") else "a method"
             raise line.error(f"{what} sdmerge cannot run exactly: {method!r} (it maps weighted_sum, add_difference, "
-                             f"subtract, scale, n_average, slerp, geometric_median, model_stock and the ties_sum "
-                             f"family)", method=method)
+                             f"subtract, scale, n_average, slerp, geometric_median and the ties_sum family)", method=method)
         p = self.bind(line, method)
         return getattr(self, f"_{method}")(line, p)
 
@@ -378,27 +382,33 @@ class _Converter:
                 **params}
 
     def _model_stock(self, line: Line, p: dict[str, Any]) -> Delta:
-        base, models = self.deltas(line, p["deltas"], "deltas")
-        return Delta("stock", base, models, (("cos_eps", self.number(line, p["cos_eps"], "cos_eps")),))
+        raise line.error(STOCK_DIFFERS.format(what="model_stock"))
 
-    def _ties_sum(self, line: Line, p: dict[str, Any], variadic: str = "models") -> Delta:
+    def _ties_sum(self, line: Line, p: dict[str, Any], variadic: str = "models", method: str = "ties_sum") -> Delta:
         base, models = self.deltas(line, p[variadic], variadic)
         params = {name: (self.number(line, v, name) if name in ("k", "cos_eps", "eps", "ftol", "probability",
                                                                   "della_eps") else self.flag(line, v, name))
                   for name, v in p.items() if name != variadic}
+        if "apply_stock" in params:  # ties_sum_extended and ties_sum_with_dropout
+            if not params["apply_median"] and not params["apply_stock"]:
+                # sd-mecha's line: t = 1.0 if apply_stock else get_model_stock_t(...)
+                raise line.error(STOCK_DIFFERS.format(what=f"{method} with apply_stock false (sd-mecha then applies "
+                                                           "model stock; true gives the plain TIES sum)"),
+                                 parameter="apply_stock")
+            params["apply_stock"] = False  # with apply_median sd-mecha takes the median, stock or not
         if "seed" in params and params["seed"] is None:
             raise line.error("ties_sum_with_dropout has no seed: sd-mecha then draws a different mask on every "
                              "run, which no recipe can reproduce", parameter="seed")
         return Delta("ties", base, models, tuple(params.items()))
 
     def _ties_sum_extended(self, line: Line, p: dict[str, Any]) -> Delta:
-        return self._ties_sum(line, p)
+        return self._ties_sum(line, p, method="ties_sum_extended")
 
     def _ties_sum_with_dropout(self, line: Line, p: dict[str, Any]) -> Delta:
         self.notes.append(f"line {line.number}: dropout keeps each element with the same probability as "
                           "sd-mecha's, from sdmerge's own counter-based draws (docs/METHODS.md): the mask, "
                           "and so the tensors, differ from sd-mecha's for the same seed")
-        return self._ties_sum(line, p, "deltas")
+        return self._ties_sum(line, p, "deltas", "ties_sum_with_dropout")
 
     def _add_difference(self, line: Line, p: dict[str, Any]) -> dict:
         a, delta, alpha = self.model_space(line, p["a"], "a"), p["b"], self.number(line, p["alpha"], "alpha")
@@ -413,12 +423,7 @@ class _Converter:
         params = dict(delta.params)
         if delta.kind == "ties":
             return {"method": "ties", "base": a, "models": list(delta.models), "alpha": alpha, **params}
-        if delta.kind == "median":
-            return {"method": "geometric_median", "base": a, "models": list(delta.models), "alpha": alpha, **params}
-        if alpha != 1.0:
-            raise line.error("model_stock's result is added with alpha 1 in sdmerge; this adds it scaled by "
-                             f"{alpha!r}", parameter="alpha")
-        return {"method": "model_stock", "base": a, "models": list(delta.models), **params}
+        return {"method": "geometric_median", "base": a, "models": list(delta.models), "alpha": alpha, **params}
 
 
 def _key(source: Any) -> str:
