@@ -172,7 +172,13 @@ def _resolved(imported: Any, args: argparse.Namespace, resolver: Any) -> Any:
     if not imported.leaves:  # references by path or short hash, found as any recipe's are
         from .importers import resolve_refs
 
-        return resolve_refs(imported.recipe, dict(item.partition("=")[::2] for item in args.resolve))
+        overrides = {}
+        for item in args.resolve:
+            key, sep, path = item.partition("=")
+            if not (key and sep and path):
+                raise RecipeError(f"--resolve expects NAME=PATH, got {item!r}", details={"argument": item})
+            overrides[key] = str(Path(path).resolve())
+        return resolve_refs(imported.recipe, overrides)
     recipe, unresolved = apply_resolution(imported, _overrides(args.resolve), lambda leaf: _locate(resolver, leaf))
     _fail_unresolved(unresolved)
     return recipe

@@ -214,6 +214,11 @@ def test_cli_plans_merges_and_imports_a_mecha_file(sd1_models, tmp_path, capsys)
     (sd1_models / "native.json").write_text(json.dumps(native))
     assert main(["merge", str(sd1_models / "native.json"), "-o", str(tmp_path / "native.safetensors"), "-q"]) == 0
     same_tensors(load_file(tmp_path / "out.safetensors"), load_file(tmp_path / "native.safetensors"))
+    elsewhere = tmp_path / "elsewhere.mecha"
+    elsewhere.write_text((DATA / "mecha" / "block-soup.mecha").read_text())
+    resolve = [f"--resolve=m{i}.safetensors={sd1_models / f'm{i}.safetensors'}" for i in range(3)]
+    assert main(["merge", str(elsewhere), *resolve, "-o", str(tmp_path / "resolved.safetensors"), "-q"]) == 0
+    same_tensors(load_file(tmp_path / "out.safetensors"), load_file(tmp_path / "resolved.safetensors"))
     (tmp_path / "bad.mecha").write_text(MECHA_HEAD + 'merge "rotate" &0 &1\n')
     assert main(["plan", str(tmp_path / "bad.mecha")]) == 2
     assert "line 4 (merge): a method sdmerge cannot run exactly: 'rotate'" in capsys.readouterr().err
