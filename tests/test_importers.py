@@ -259,7 +259,21 @@ def block_of(key: str) -> str:
     return "BASE"
 
 
-def by_formula(mode: str, models: list[dict], alpha, beta) -> dict[str, torch.Tensor]:
+def block_of_xl(key: str) -> str:
+    """`blockfromkey`'s SDXL branch, for keys it merges (their names hold weight or bias)."""
+    if "label_emb" in key or "time_embed" in key:
+        return "IN00"
+    if not key.startswith("model.diffusion_model."):
+        return "BASE"  # both text encoders and the VAE
+    if key.startswith("model.diffusion_model.out."):
+        return "OUT08"
+    if "middle_block" in key:
+        return "M00"
+    found = re.search(r"\.(input|output)_blocks\.(\d+)\.", key)
+    return f"{'IN' if found.group(1) == 'input' else 'OUT'}0{found.group(2)}"
+
+
+def by_formula(mode: str, models: list[dict], alpha, beta, block_of=block_of) -> dict[str, torch.Tensor]:
     """smerge's calcmode "normal" in fp64, key by key, as its loop picks keys and weights."""
     a, b, c = (models + [models[0]])[:3]
     out = {}
@@ -317,6 +331,20 @@ def test_history_rows_merge_as_supermergers_formulas(sd2_models, tmp_path, mode,
                                    msg=key)
     assert torch.equal(ours["cond_stage_model.model.positional_embedding"],
                        states[0]["cond_stage_model.model.positional_embedding"])
+
+
+def test_an_sdxl_block_list_merges_as_supermerger_places_it(tmp_path):
+    states = [tiny_state_dict("sdxl", seed=seed, dtype=torch.float32) for seed in (3, 4)]
+    hashes = [hash_file(write_checkpoint(tmp_path / f"x{i}.safetensors", state)).sha256[:10]
+              for i, state in enumerate(states)]
+    xl20 = [0.5, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.45, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    history = tmp_path / "mergehistory.csv"
+    record(history, merged_model(hashes=(*hashes, hashes[0]), weights_a=",".join(map(str, xl20)), useblocks=True))
+    ours = run(fp32(convert_history(history.read_text()).recipe), tmp_path, tmp_path / "out.safetensors")
+    names = ["BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9))]
+    expected = by_formula("Weight", states, dict(zip(names, xl20, strict=True)), 0.0, block_of_xl)
+    for key, value in expected.items():
+        torch.testing.assert_close(ours[key].double(), value.float().double(), rtol=2e-7, atol=2e-7, msg=key)
 
 
 def test_history_fixture_rows_and_refusals(tmp_path, capsys):

@@ -26,6 +26,7 @@ consecutive pairs of models, sdmerge's per tensor over all pairs, so the merges 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -427,8 +428,6 @@ class _Converter:
 
 
 def _key(source: Any) -> str:
-    import json
-
     return json.dumps(source, sort_keys=True)
 
 
