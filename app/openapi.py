@@ -41,8 +41,21 @@ A1111_METADATA = {
     },
     "required": ["__metadata__"],
 }
+IMPORTED_RECIPE = {
+    "type": "object",
+    "title": "ImportedRecipe",
+    "description": "another tool's recipe, converted with exact weights (what cannot be converted exactly is a "
+                   "422 naming the line, row or field): `mecha`, the text of an sd-mecha .mecha recipe; or "
+                   "`supermerger_history`, the text of supermerger's mergehistory.csv, with `row` the merge's ID "
+                   "(default: the last). A model supermerger saved is posted as its metadata "
+                   "(`{\"__metadata__\": {...}}`, as A1111's). `resolve` maps a model reference (a .mecha path or "
+                   "its file name) to a registered model.",
+    "properties": {"mecha": {"type": "string"}, "supermerger_history": {"type": "string"},
+                   "row": {"type": "integer"}, "resolve": {"type": "object", "additionalProperties": {"type": "string"}}},
+}
 RECIPE_BODY = {"required": True, "content": {"application/json": {"schema": {"anyOf": [
-    {"$ref": "#/components/schemas/Recipe"}, {"$ref": "#/components/schemas/A1111Metadata"}]}}}}
+    {"$ref": "#/components/schemas/Recipe"}, {"$ref": "#/components/schemas/A1111Metadata"},
+    {"$ref": "#/components/schemas/ImportedRecipe"}]}}}}
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -66,6 +79,7 @@ def build(app: FastAPI) -> dict[str, Any]:
     recipe = recipe_schema(ref_template="#/components/schemas/{model}")
     schemas.update({**recipe.pop("$defs"), Recipe.__name__: recipe})
     schemas["A1111Metadata"] = A1111_METADATA
+    schemas["ImportedRecipe"] = IMPORTED_RECIPE
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     spec["components"]["securitySchemes"] = {"bearer": {

@@ -156,8 +156,10 @@ class _Walk:
         if not isinstance(recipe, Mapping):
             raise RecipeError(f"the sd_merge_recipe of {label!r} is not an object", model=label)
         if recipe.get("type") != "webui":
+            hint = ("; `sdmerge recipe import` converts supermerger's own record of its last merge"
+                    if recipe.get("type") == "sd-webui-supermerger" else "")
             raise RecipeError(f"{label!r} was merged by {recipe.get('type')!r}, not A1111's own merger; "
-                              "sdmerge cannot rebuild it (resolve that model as a file instead)",
+                              f"sdmerge cannot rebuild it (resolve that model as a file instead){hint}",
                               model=label, details={"type": recipe.get("type")})
         unknown = sorted(set(recipe) - RECIPE_KEYS)
         if unknown:

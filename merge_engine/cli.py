@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-inputs", action="store_true",
                    help="also hash every input while merging and compare with its recorded sha256")
     p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--row", type=int, help="of a supermerger mergehistory.csv: the row ID (default: the last)")
     p.set_defaults(handler=_merge)
 
     writing = argparse.ArgumentParser(add_help=False)
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", parents=[roots], help="dry run: resolve and check a recipe, read no weights")
     p.add_argument("recipe", type=Path)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--row", type=int, help="of a supermerger mergehistory.csv: the row ID (default: the last)")
     p.set_defaults(handler=_plan)
 
     p = sub.add_parser("inspect", help="architecture, components, dtypes, metadata and hashes of a file")
@@ -84,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, help="a JSON dump of the metadata, or a .safetensors file")
     p.add_argument("-o", "--output", type=Path, help="write the recipe here (default: stdout)")
     p.set_defaults(handler=_convert)
+    p = recipe.add_parser("import", parents=[roots], help="another tool's recipe -> native recipe: sd-mecha's "
+                                                          ".mecha, supermerger's mergehistory.csv or saved metadata")
+    p.add_argument("recipe", type=Path, metavar="FILE")
+    p.add_argument("--row", type=int, help="a mergehistory.csv row by its ID (default: the last)")
+    p.add_argument("-o", "--output", type=Path, help="write the recipe here (default: stdout)")
+    p.set_defaults(handler=_import)
     p = recipe.add_parser("schema", help="the recipe's JSON Schema")
     p.set_defaults(handler=_schema)
 
@@ -131,21 +139,49 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
 
 
 def load_recipe(args: argparse.Namespace) -> tuple[Any, Any]:
-    """A native recipe or A1111 metadata (converted on the way in), and its resolver."""
+    """A native recipe, A1111 metadata, or another tool's recipe (importers: a .mecha text, a
+    supermerger history or metadata), converted on the way in; and its resolver."""
     from .a1111 import apply_resolution, convert_a1111, is_a1111_metadata
+    from .importers import detect, import_data, import_file
     from .recipe import parse_recipe
     from .resolve import FileResolver
 
     path = args.recipe
-    data = jsonsafe.loads(jsonsafe.read_file(path, "recipe file", MAX_RECIPE_BYTES, RecipeError),
-                          what=f"recipe file {path}", error=RecipeError)
+    raw = jsonsafe.read_file(path, "recipe file", MAX_RECIPE_BYTES, RecipeError)
     resolver = FileResolver(path.parent, args.model_root)
+    if detect(path, raw):
+        imported = import_file(path, row=getattr(args, "row", None))
+        return _resolved(imported, args, resolver), resolver
+    data = jsonsafe.loads(raw, what=f"recipe file {path}", error=RecipeError)
+    if (imported := import_data(data)) is not None:
+        return _resolved(imported, args, resolver), resolver
     if isinstance(data, dict) and is_a1111_metadata(data):
         recipe, unresolved = apply_resolution(convert_a1111(data), _overrides(args.resolve),
                                               lambda leaf: _locate(resolver, leaf))
         _fail_unresolved(unresolved)
         return recipe, resolver
     return parse_recipe(data), resolver
+
+
+def _resolved(imported: Any, args: argparse.Namespace, resolver: Any) -> Any:
+    """An imported recipe with its sha256-named leaves located (as an A1111 conversion's)."""
+    from .a1111 import apply_resolution
+
+    for warning in imported.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not imported.leaves:  # references by path or short hash, found as any recipe's are
+        from .importers import resolve_refs
+
+        overrides = {}
+        for item in args.resolve:
+            key, sep, path = item.partition("=")
+            if not (key and sep and path):
+                raise RecipeError(f"--resolve expects NAME=PATH, got {item!r}", details={"argument": item})
+            overrides[key] = str(Path(path).resolve())
+        return resolve_refs(imported.recipe, overrides)
+    recipe, unresolved = apply_resolution(imported, _overrides(args.resolve), lambda leaf: _locate(resolver, leaf))
+    _fail_unresolved(unresolved)
+    return recipe
 
 
 MAX_RECIPE_BYTES = 64 << 20
@@ -354,6 +390,26 @@ def _convert(args: argparse.Namespace) -> int:
     if args.output:
         args.output.write_text(text, encoding="utf-8")
         print(f"wrote {args.output}: {len(conversion.leaves)} leaves", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .importers import import_file
+    from .resolve import FileResolver
+
+    imported = import_file(args.recipe, row=args.row)
+    if args.resolve or args.model_root:  # else sha256-named leaves stay so, for the service or a later --resolve
+        recipe = _resolved(imported, args, FileResolver(args.recipe.parent, args.model_root))
+    else:
+        recipe = imported.recipe
+        for warning in imported.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    text = json.dumps(recipe.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0

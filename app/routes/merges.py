@@ -1,4 +1,4 @@
-"""Merge routes: submit (native recipe or A1111 metadata), dry-run plan, list, get, cancel."""
+"""Merge routes: submit (native recipe, A1111 metadata or an imported recipe), dry-run plan, list, get, cancel."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ router = APIRouter(prefix="/merges", tags=["merges"], route_class=SafeJsonRoute)
 RecipeBody = Annotated[dict[str, Any], Body(
     description="a native recipe (see the engine's recipe schema) with models named by registry "
                 "id, name or `sha256:<hex>`; or A1111 merge metadata (`{\"__metadata__\": {...}}`), "
-                "optionally with `\"resolve\": {\"<leaf name or sha256 prefix>\": \"<model ref>\"}`",
+                "optionally with `\"resolve\": {\"<leaf name or sha256 prefix>\": \"<model ref>\"}`; or another "
+                "tool's recipe: `{\"mecha\": \"<.mecha text>\"}`, `{\"supermerger_history\": \"<csv>\", \"row\": ID}`",
 )]
 RECIPE = {"requestBody": RECIPE_BODY}
 

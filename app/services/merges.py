@@ -27,18 +27,27 @@ from app.settings import Settings
 from merge_engine.a1111 import apply_resolution, convert_a1111, is_a1111_metadata
 from merge_engine.errors import RecipeError, ResolveError
 from merge_engine.hashing import LEGACY_LENGTH, LEGACY_OFFSET
+from merge_engine.importers import import_data, resolve_refs
 from merge_engine.methods import LoraLeaf
 from merge_engine.plan import ResolvedModel, plan
 from merge_engine.recipe import Leaf, ModelLeaf, Recipe, all_leaves, parse_recipe
 
 
 def recipe_from_body(body: Any) -> Recipe:
-    """A native recipe, or A1111 merge metadata converted to one (leaves named by sha256 and
-    file name; an optional top-level `resolve` maps leaf names or sha256 prefixes to models)."""
+    """A native recipe; A1111 merge metadata converted to one (leaves named by sha256 and file
+    name); or another tool's recipe (`{"mecha": TEXT}`, `{"supermerger_history": CSV, "row": ID}`,
+    supermerger's metadata). An optional top-level `resolve` maps leaf names, paths or sha256
+    prefixes to models."""
     if not isinstance(body, Mapping):
         raise RecipeError("the body must be a JSON object: a recipe or A1111 merge metadata")
     overrides = body.get("resolve") if isinstance(body.get("resolve"), Mapping) else None
     data = {k: v for k, v in body.items() if k != "resolve"} if overrides is not None else body
+    if (imported := import_data(data)) is not None:
+        if not imported.leaves:  # paths or short hashes, found in the registry by name or sha256
+            return resolve_refs(imported.recipe, {str(k): str(v) for k, v in (overrides or {}).items()})
+        if not overrides:
+            return imported.recipe
+        return apply_resolution(imported, {str(k): str(v) for k, v in overrides.items()}, lambda _name: None)[0]
     if not is_a1111_metadata(data):
         return parse_recipe(data)
     conversion = convert_a1111(data)

@@ -65,7 +65,8 @@ def add_parser(sub, roots: argparse.ArgumentParser) -> None:
 
 
 def _target(ref: str | dict, roots: list[str], here: Path | None = None):
-    """A checkpoint file, a recipe file or an inline recipe -> (label, recipe, resolver)."""
+    """A checkpoint file, a recipe file (JSON, .mecha, supermerger's mergehistory.csv) or an inline
+    recipe -> (label, recipe, resolver)."""
     from merge_engine.preview.render import Target
     from merge_engine.recipe import Recipe, parse_recipe
     from merge_engine.resolve import FileResolver
@@ -87,6 +88,11 @@ def _target(ref: str | dict, roots: list[str], here: Path | None = None):
         recipe = parse_recipe(data)
         name = recipe.name or path.stem
         return Target(name, recipe, FileResolver(path.parent, roots), name)
+    if path.suffix.lower() in (".mecha", ".csv"):  # sd-mecha's text, supermerger's history (its last row)
+        from merge_engine.importers import import_file
+
+        recipe = import_file(path).recipe
+        return Target(recipe.name or path.stem, recipe, FileResolver(path.parent, roots), recipe.name or path.stem)
     resolver = FileResolver(here or Path.cwd(), roots)
     found = resolver.find(ref, required=True)
     assert found is not None
