@@ -37,7 +37,7 @@ from merge_engine.resolve import FileResolver
 models, out, modelspec, sha = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
 recipe = parse_recipe({"merge": {"method": "uniform", "models": models}, "output": {"modelspec": modelspec}})
 started = time.perf_counter()
-p = plan(recipe, FileResolver())
+p = plan(recipe, FileResolver("/"))
 try:
     result = merge(p, out, compute_sha256=sha, overwrite=True)
 finally:
