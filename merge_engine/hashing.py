@@ -56,14 +56,19 @@ class FileHashes:
 
     @property
     def civitai(self) -> dict[str, str]:
-        shown = {"AutoV1": self.legacy.upper(), "AutoV2": self.sha256[:10].upper(),
-                 "AutoV3": self.autov3[:12].upper() if self.autov3 is not None else None,
-                 "SHA256": self.sha256.upper(), "CRC32": self.crc32.upper(), "BLAKE3": self.blake3.upper()}
-        return {kind: value for kind, value in shown.items() if value is not None}
+        return civitai_forms(self.sha256, self.legacy, self.autov3, self.crc32, self.blake3)
 
     def to_dict(self) -> dict[str, str | dict[str, str] | None]:
         return {"sha256": self.sha256, "shorthash": self.shorthash, "autov3": self.autov3,
                 "legacy": self.legacy, "crc32": self.crc32, "blake3": self.blake3, "civitai": self.civitai}
+
+
+def civitai_forms(sha256: str | None, legacy: str | None, autov3: str | None, crc32: str | None,
+                  blake3: str | None) -> dict[str, str]:
+    """The hashes as Civitai shows them (and its search takes them); an unknown one is left out."""
+    shown = {"AutoV1": legacy, "AutoV2": sha256 and sha256[:10], "AutoV3": autov3 and autov3[:12],
+             "SHA256": sha256, "CRC32": crc32, "BLAKE3": blake3}
+    return {kind: value.upper() for kind, value in shown.items() if value}
 
 
 def cache_path() -> Path:
