@@ -86,9 +86,10 @@ class LineageMerge(BaseModel):
 class LineageNode(BaseModel):
     id: str = Field(description="the node's sha256, or name:<file name> for a parent recorded by name only")
     sha256: str | None
-    name: str | None
+    name: str | None = Field(description="the file name its child's recipe records (else the registry's)")
     depth: int = Field(description="merges between it and the model (0: the model itself)")
     model_id: int | None = Field(description="the registered model with this sha256, if any")
+    model_name: str | None = Field(description="its name in the registry")
     artifact_id: int | None = Field(description="the merge output of this service with this sha256, if any")
     merge: LineageMerge | None = Field(description="how this file was made, if a recorded recipe says")
     merge_from: str | None = Field(description="whose record says so: model (its own file), artifact, or carried "

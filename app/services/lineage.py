@@ -36,7 +36,7 @@ def model_lineage(session: Session, model_id: int, depth: int = MAX_DEPTH) -> di
     model = require_ready(get_model(session, model_id), str(model_id))
     walk = _Walk(session)
     root = walk.add(model.sha256, model.name, 0)
-    walk.nodes[root]["model_id"] = model.id
+    walk.nodes[root]["model_id"], walk.nodes[root]["model_name"] = model.id, model.name
     frontier, level = [root], 0
     while frontier:
         frontier = walk.visit(frontier, expand=level < depth)
@@ -57,7 +57,7 @@ class _Walk:
     def add(self, sha256: str | None, name: str | None, depth: int) -> str:
         key = sha256 or f"name:{name}"
         self.nodes[key] = {"id": key, "sha256": sha256, "name": name, "depth": depth, "model_id": None,
-                           "artifact_id": None, "merge": None, "merge_from": None}
+                           "model_name": None, "artifact_id": None, "merge": None, "merge_from": None}
         return key
 
     def visit(self, keys: list[str], expand: bool) -> list[str]:
@@ -70,8 +70,8 @@ class _Walk:
         for key in keys:
             node = self.nodes[key]
             model, artifact = models.get(node["sha256"]), artifacts.get(node["sha256"])
-            if model is not None:
-                node["model_id"] = node["model_id"] or model.id
+            if model is not None and node["model_id"] is None:
+                node["model_id"], node["model_name"] = model.id, model.name
                 node["name"] = node["name"] or model.name
             if artifact is not None:
                 node["artifact_id"], node["name"] = artifact.id, node["name"] or artifact.filename

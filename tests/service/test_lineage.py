@@ -93,7 +93,9 @@ def test_lineage_of_a_chain_of_merges(client, ready_model, run_tasks, model_root
     assert (root["model_id"], root["artifact_id"], root["depth"]) == (m2["id"], m2_out["id"], 0)
     assert root["merge"]["method"] == "weighted" and root["merge"]["name"] == "m2"
     assert nodes[m1["sha256"]]["merge_from"] == "model" and nodes[m1["sha256"]]["merge"]["method"] == "uniform"
-    assert [nodes[x["sha256"]]["model_id"] for x in (a, b, c)] == [a["id"], b["id"], c["id"]]
+    assert [(nodes[x["sha256"]]["model_id"], nodes[x["sha256"]]["model_name"]) for x in (a, b, c)] == [
+        (a["id"], "a"), (b["id"], "b"), (c["id"], "c")]
+    assert nodes[a["sha256"]]["name"] == "sd2-1.safetensors"  # as m1's recipe records it
     assert all(nodes[x["sha256"]]["merge"] is None and nodes[x["sha256"]]["depth"] == d
                for x, d in ((a, 2), (b, 2), (c, 1)))
     edges = {(e["parent"], e["child"]): (e["weight_exact"], e["weight"]) for e in graph["edges"]}
