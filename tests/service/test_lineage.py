@@ -74,7 +74,7 @@ def test_a_model_hashed_before_crc32_and_blake3_gets_them_when_registered_again(
     assert client.get(f"/models/{a['id']}").json()["blake3"] == a["blake3"]
 
 
-def test_lineage_of_a_chain_of_merges(client, ready_model, run_tasks, model_root):
+def test_lineage_of_a_chain_of_merges(client, ready_model, run_tasks, model_root, runtime):
     a, b, c = (ready_model(f"sd2-{i}.safetensors", n) for i, n in ((1, "a"), (2, "b"), (3, "c")))
     m1_out = merged(client, run_tasks, {"name": "m1", "merge": {"method": "uniform", "models": ["a", "b"]}})
     publish(client, m1_out, model_root / "m1.safetensors")
@@ -101,6 +101,11 @@ def test_lineage_of_a_chain_of_merges(client, ready_model, run_tasks, model_root
     edges = {(e["parent"], e["child"]): (e["weight_exact"], e["weight"]) for e in graph["edges"]}
     assert edges == {(m1["sha256"], m2["sha256"]): ("3/4", 0.75), (c["sha256"], m2["sha256"]): ("1/4", 0.25),
                      (a["sha256"], m1["sha256"]): ("1/2", 0.5), (b["sha256"], m1["sha256"]): ("1/2", 0.5)}
+
+    # a row hashed before migration 0006 has no lineage column: its stored metadata serves
+    with runtime.sessions.begin() as session:
+        session.get(Model, m2["id"]).lineage = None
+    assert client.get(f"/models/{m2['id']}/lineage").json() == graph
 
     # m1 no longer registered: the service's own artifact row still says how it was made
     assert client.delete(f"/models/{m1['id']}").status_code == 204
