@@ -311,6 +311,12 @@ def _inspect(args: argparse.Namespace) -> int:
     for key, value in info["metadata"].items():
         text = value if isinstance(value, str) else json.dumps(value)
         print(f"  metadata {key}: {text[:100]}{'…' if len(text) > 100 else ''}")
+    if (lineage := info.get("lineage")) and (merge := lineage["merge"]):
+        parents = ", ".join(f"{p['name'] or p['sha256'][:10]}" + (f" x{p['weight']}" if p["weight"] else "")
+                            for p in merge["parents"][:8])
+        more = f" and {len(merge['parents']) - 8} more" if len(merge["parents"]) > 8 else ""
+        print(f"  merged ({merge['tool']}, {merge['method'] or 'unknown method'}) from {parents}{more}; "
+              f"{len(lineage['ancestors'])} ancestors recorded")
     if hashes := info.get("hashes"):
         for name in ("sha256", "shorthash", "legacy", "autov3", "crc32", "blake3"):
             print(f"  {name}: {hashes[name]}")

@@ -7,6 +7,7 @@ import json
 
 from safetensors import safe_open
 
+from merge_engine.cli import main
 from merge_engine.execute import merge
 from merge_engine.hashing import hash_file
 from merge_engine.inspect import inspect_checkpoint
@@ -26,7 +27,7 @@ def merged(recipe: dict, root, out):
         return f.metadata()
 
 
-def test_a_chain_of_sdmerge_outputs(make_model, tmp_path):
+def test_a_chain_of_sdmerge_outputs(make_model, tmp_path, capsys):
     a, b, c = (make_model(f"{n}.safetensors", seed=i) for i, n in enumerate("abc", 1))
     sha = {n: hash_file(p).sha256 for n, p in zip("abc", (a, b, c), strict=True)}
     root = tmp_path / "models"
@@ -51,8 +52,12 @@ def test_a_chain_of_sdmerge_outputs(make_model, tmp_path):
     assert m1["name"] == "m1.safetensors" and m1["merge"]["method"] == "uniform"
     assert [(p["sha256"], p["weight"]) for p in m1["merge"]["parents"]] == [(sha["a"], "1/2"), (sha["b"], "1/2")]
     assert lineage["ancestors"][sha["a"]]["merge"] is None and not lineage["truncated"]
-    # inspect reads the same from the decoded metadata it reports
-    assert recorded_lineage(inspect_checkpoint(root / "m2.safetensors", hashes=False)["metadata"]) == lineage
+    # inspect reports it, and reads the same from the decoded metadata it reports
+    report = inspect_checkpoint(root / "m2.safetensors", hashes=False)
+    assert report["lineage"] == lineage == recorded_lineage(report["metadata"])
+    assert main(["inspect", str(root / "m2.safetensors"), "--no-hash"]) == 0
+    assert ("merged (sdmerge, weighted) from m1.safetensors x3/4, c.safetensors x1/4; 4 ancestors recorded"
+            in capsys.readouterr().out)
 
 
 def test_a1111_metadata_gives_weights_from_the_multiplier():

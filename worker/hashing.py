@@ -20,7 +20,6 @@ from app.models import Model, utcnow
 from app.queue import HASH_TASK
 from merge_engine.errors import InputChangedError, SdmergeError
 from merge_engine.inspect import inspect_version
-from merge_engine.lineage import recorded_lineage
 
 log = logging.getLogger(__name__)
 MAX_STORED_METADATA = 1 << 20  # characters of header metadata kept in the registry, in all
@@ -41,7 +40,7 @@ def hash_model(sessions: sessionmaker[Session], model_id: int) -> None:
         facts = dict(status="ready", error=None, architecture=report["architecture"],
                      components=report["components"], header_metadata=stored_metadata(report["metadata"]),
                      sha256=hashes["sha256"], autov3=hashes["autov3"], legacy_hash=hashes["legacy"],
-                     crc32=hashes["crc32"], blake3=hashes["blake3"], lineage=recorded_lineage(report["metadata"]),
+                     crc32=hashes["crc32"], blake3=hashes["blake3"], lineage=report["lineage"],
                      size=version.size, mtime_ns=version.mtime_ns, inode=version.inode,
                      ctime_ns=version.ctime_ns)
     except (SdmergeError, OSError) as exc:
