@@ -94,6 +94,7 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     filename: Mapped[str] = mapped_column(String(255))
     header_metadata: Mapped[dict[str, Any] | None]
+    lineage: Mapped[dict[str, Any] | None]  # as Model.lineage, read from the metadata when stored
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

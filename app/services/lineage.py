@@ -2,9 +2,9 @@
 the recorded recipes say.
 
 Each file's own claim (merge_engine.lineage: its merge with weighted parents, and the ancestors'
-merges carried forward in `sd_merge_models`) was read once, when the model was hashed (the
-`lineage` column); a merge output of this service (an artifact) holds its full metadata in its
-row. Nodes are files, named by sha256 (a parent recorded only by name is `name:<name>`). The
+merges carried forward in `sd_merge_models`) was read once, when the model was hashed or the
+merge output (artifact) stored: the `lineage` columns. Rows from before those columns (migration
+0006) are read from their stored metadata. Nodes are files, named by sha256 (a parent recorded only by name is `name:<name>`). The
 walk is breadth-first from the model; at each node the best source of its merge wins: a
 registered model's own file, then an artifact's, then what a descendant carried forward.
 
@@ -89,7 +89,7 @@ class _Walk:
         if model is not None:
             own, source = model.lineage or recorded_lineage(model.header_metadata or {}), "model"
         if own is None and artifact is not None:
-            own, source = recorded_lineage(artifact.header_metadata or {}), "artifact"
+            own, source = artifact.lineage or recorded_lineage(artifact.header_metadata or {}), "artifact"
         if own is not None:
             self.truncated |= bool(own.get("truncated"))
             for sha256, entry in own.get("ancestors", {}).items():

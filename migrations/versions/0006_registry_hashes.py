@@ -1,9 +1,10 @@
 """models: CRC32 and BLAKE3 (the other hashes Civitai lists), the lineage recorded in the file,
-and indexes for finding a model by any of its hashes
+and indexes for finding a model by any of its hashes; artifacts: the lineage their metadata records
 
 Rows hashed before this revision keep NULL crc32, blake3 and lineage: registering the same path
 again (or a scan) hashes such a model once more, and until then the API shows null; its lineage
-is read from the stored header metadata meanwhile.
+is read from the stored header metadata meanwhile. An older artifact's lineage is read from its
+metadata (complete in its row) when asked for.
 
 Revision ID: 0006
 Revises: 0005
@@ -25,6 +26,7 @@ def upgrade() -> None:
     op.add_column("models", sa.Column("crc32", sa.String(8)))
     op.add_column("models", sa.Column("blake3", sa.String(64)))
     op.add_column("models", sa.Column("lineage", sa.JSON))
+    op.add_column("artifacts", sa.Column("lineage", sa.JSON))
     for column in INDEXED:
         op.create_index(f"ix_models_{column}", "models", [column])
 
@@ -32,6 +34,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     for column in INDEXED:
         op.drop_index(f"ix_models_{column}", "models")
+    with op.batch_alter_table("artifacts") as batch:
+        batch.drop_column("lineage")
     with op.batch_alter_table("models") as batch:
         batch.drop_column("lineage")
         batch.drop_column("blake3")

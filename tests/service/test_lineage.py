@@ -10,7 +10,7 @@ import zlib
 
 import blake3
 
-from app.models import Model
+from app.models import Artifact, Model
 from app.services.lineage import MAX_NODES
 from merge_engine.synthetic import tiny_state_dict, write_checkpoint
 
@@ -113,6 +113,11 @@ def test_lineage_of_a_chain_of_merges(client, ready_model, run_tasks, model_root
     m1_node = next(n for n in graph["nodes"] if n["sha256"] == m1["sha256"])
     assert (m1_node["model_id"], m1_node["artifact_id"], m1_node["merge_from"]) == (None, m1_out["id"], "artifact")
     assert len(graph["edges"]) == 4
+    with runtime.sessions.begin() as session:  # stored with the artifact; an older row's metadata serves
+        artifact = session.get(Artifact, m1_out["id"])
+        assert artifact.lineage["merge"]["method"] == "uniform"
+        artifact.lineage = None
+    assert client.get(f"/models/{m2['id']}/lineage").json() == graph
     assert len(client.get(f"/models/{m2['id']}/lineage", params={"depth": 1}).json()["edges"]) == 2
 
     leaf = client.get(f"/models/{a['id']}/lineage").json()
