@@ -65,12 +65,23 @@ class Model(Base):
     architecture: Mapped[str | None] = mapped_column(String(32), index=True)
     components: Mapped[dict[str, Any] | None]
     header_metadata: Mapped[dict[str, Any] | None]
+    # Lower-case hex; any of them finds the model (`GET /models?hash=`), as Civitai's search does.
     sha256: Mapped[str | None] = mapped_column(String(64), index=True)
-    autov3: Mapped[str | None] = mapped_column(String(64))
-    legacy_hash: Mapped[str | None] = mapped_column(String(8))
+    autov3: Mapped[str | None] = mapped_column(String(64), index=True)
+    legacy_hash: Mapped[str | None] = mapped_column(String(8), index=True)
+    crc32: Mapped[str | None] = mapped_column(String(8), index=True)
+    blake3: Mapped[str | None] = mapped_column(String(64), index=True)
+    # What the header's metadata says the file was merged from (merge_engine.lineage), read in
+    # full when the file is hashed: header_metadata keeps long values only as a note of their size.
+    lineage: Mapped[dict[str, Any] | None]
     dispatched_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    def forget_hashes(self) -> None:
+        """The file changed (or is to be hashed again): nothing recorded from it still holds."""
+        self.sha256 = self.autov3 = self.legacy_hash = self.crc32 = self.blake3 = None
+        self.lineage = None
 
 
 class Artifact(Base):
@@ -83,6 +94,7 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     filename: Mapped[str] = mapped_column(String(255))
     header_metadata: Mapped[dict[str, Any] | None]
+    lineage: Mapped[dict[str, Any] | None]  # as Model.lineage, read from the metadata when stored
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

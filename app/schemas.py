@@ -7,6 +7,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_serializer
 
+from merge_engine.hashing import civitai_forms
+
 T = TypeVar("T")
 
 
@@ -55,11 +57,63 @@ class ModelOut(_Out):
     architecture: str | None
     components: dict[str, Any] | None
     metadata: dict[str, Any] | None = Field(validation_alias="header_metadata")
-    sha256: str | None
-    autov3: str | None
-    legacy_hash: str | None
+    sha256: str | None = Field(description="of the whole file: A1111's hash (its first 10 digits are the "
+                                           "\"Model hash\" of generation parameters) and Civitai's AutoV2")
+    autov3: str | None = Field(description="sha256 of the tensor data after the safetensors header (Civitai's "
+                                           "AutoV3): survives metadata edits")
+    legacy_hash: str | None = Field(description="A1111's old 8-digit hash (Civitai's AutoV1)")
+    crc32: str | None = Field(description="CRC-32 of the whole file, 8 hex digits (null: hashed before sdmerge knew "
+                                          "it; registering the path again fills it in)")
+    blake3: str | None = Field(description="BLAKE3 of the whole file (null: as crc32)")
     created_at: datetime
     updated_at: datetime
+
+    @computed_field(description="the hashes as Civitai shows them: upper case, AutoV1 8 digits, AutoV2 10, "
+                                "AutoV3 12, CRC32 8, SHA256 and BLAKE3 in full; any finds the model "
+                                "(GET /models?hash=)")
+    @property
+    def civitai(self) -> dict[str, str]:
+        return civitai_forms(self.sha256, self.legacy_hash, self.autov3, self.crc32, self.blake3)
+
+
+class LineageMerge(BaseModel):
+    tool: str | None = Field(description="sdmerge or webui (A1111's Checkpoint Merger)")
+    method: str | None = Field(description="the merge's method (sdmerge) or interp_method (A1111)")
+    name: str | None = Field(description="the recipe's name or A1111's custom_name")
+    recipe_hash: str | None
+
+
+class LineageNode(BaseModel):
+    id: str = Field(description="the node's sha256, or name:<file name> for a parent recorded by name only")
+    sha256: str | None
+    name: str | None = Field(description="the file name its child's recipe records (else the registry's)")
+    depth: int = Field(description="merges between it and the model (0: the model itself)")
+    model_id: int | None = Field(description="the registered model with this sha256, if any")
+    model_name: str | None = Field(description="its name in the registry")
+    artifact_id: int | None = Field(description="the merge output of this service with this sha256, if any")
+    merge: LineageMerge | None = Field(description="how this file was made, if a recorded recipe says")
+    merge_from: str | None = Field(description="whose record says so: model (its own file), artifact, or carried "
+                                               "(a descendant's sd_merge_models)")
+
+
+class LineageEdge(BaseModel):
+    parent: str = Field(description="a node id")
+    child: str = Field(description="a node id: the merge that took `parent` in")
+    weight: float | None = Field(description="the parent's coefficient in the flattened merge; null where the merge "
+                                             "is not a weighted sum (a non-linear method, block weights)")
+    weight_exact: str | None = Field(description="the same, exact (\"1/3\")")
+    components: dict[str, str | None] | None = Field(description="the parent's weight in each component the "
+                                                                 "recipe names")
+
+
+class LineageOut(BaseModel):
+    model_id: int
+    root: str = Field(description="the model's node id")
+    nodes: list[LineageNode]
+    edges: list[LineageEdge] = Field(description="parent -> child, one per recorded input of a merge")
+    cyclic: bool = Field(description="some file is recorded as its own ancestor (a hostile or edited file)")
+    truncated: bool = Field(description="the walk stopped at a limit, or a file's record was cut")
+    limits: dict[str, int] = Field(description="max_depth, max_nodes and max_edges of the walk")
 
 
 class ScanOut(BaseModel):

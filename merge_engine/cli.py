@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hash", action="store_true", help="skip hashing (fast)")
     p.set_defaults(handler=_inspect)
 
-    p = sub.add_parser("hash", help="sha256, A1111 short and legacy hashes, AutoV3")
+    p = sub.add_parser("hash", help="sha256, A1111 short and legacy hashes, AutoV3, CRC32, BLAKE3 (and the forms Civitai shows)")
     p.add_argument("files", type=Path, nargs="+")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_hash)
@@ -347,8 +347,16 @@ def _inspect(args: argparse.Namespace) -> int:
     for key, value in info["metadata"].items():
         text = value if isinstance(value, str) else json.dumps(value)
         print(f"  metadata {key}: {text[:100]}{'…' if len(text) > 100 else ''}")
-    for name, value in (info.get("hashes") or {}).items():
-        print(f"  {name}: {value}")
+    if (lineage := info.get("lineage")) and (merge := lineage["merge"]):
+        parents = ", ".join(f"{p['name'] or p['sha256'][:10]}" + (f" x{p['weight']}" if p["weight"] else "")
+                            for p in merge["parents"][:8])
+        more = f" and {len(merge['parents']) - 8} more" if len(merge["parents"]) > 8 else ""
+        print(f"  merged ({merge['tool']}, {merge['method'] or 'unknown method'}) from {parents}{more}; "
+              f"{len(lineage['ancestors'])} ancestors recorded")
+    if hashes := info.get("hashes"):
+        for name in ("sha256", "shorthash", "legacy", "autov3", "crc32", "blake3"):
+            print(f"  {name}: {hashes[name]}")
+        print(f"  civitai: {_civitai_text(hashes)}")
     if "hash_ok" in info.get("modelspec", {}):
         print("  modelspec hash_sha256: " + ("matches the data" if info["modelspec"]["hash_ok"]
                                             else "DOES NOT match the data (edited or corrupted)"))
@@ -369,8 +377,16 @@ def _hash(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         for path, h in results.items():
-            print(f"{h['sha256']}  shorthash {h['shorthash']}  legacy {h['legacy']}  autov3 {h['autov3']}  {path}")
+            print(f"{h['sha256']}  shorthash {h['shorthash']}  legacy {h['legacy']}  autov3 {h['autov3']}"
+                  f"  crc32 {h['crc32']}  blake3 {h['blake3']}  {path}")
+            print(f"  civitai: {_civitai_text(h)}")
     return 0
+
+
+def _civitai_text(hashes: dict) -> str:
+    """The forms Civitai shows (and its search takes), SHA256 and BLAKE3 shortened to 12 here."""
+    return "  ".join(f"{kind} {value if len(value) < 64 else value[:12] + '…'}"
+                     for kind, value in hashes["civitai"].items())
 
 
 def _convert(args: argparse.Namespace) -> int:

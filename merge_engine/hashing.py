@@ -3,7 +3,16 @@
 * sha256 of the whole file: A1111's "new" hash (its first 10 hex digits are the "Model hash"
   in generation parameters) and Civitai's AutoV2.
 * legacy: A1111's old 8-hex hash, sha256 of 64 KiB at offset 1 MiB (Civitai's AutoV1).
-* autov3: sha256 of everything after the safetensors header, which survives metadata edits.
+* autov3: sha256 of everything after the safetensors header (the tensor data), which survives
+  metadata edits; Civitai's AutoV3, and what ModelSpec's `modelspec.hash_sha256` records.
+* crc32 (zlib's CRC-32) and blake3 of the whole file: the other two hashes Civitai lists.
+
+Civitai shows them upper case and shortened: AutoV1 8 hex, AutoV2 10, AutoV3 12, CRC32 8,
+SHA256 and BLAKE3 in full (`FileHashes.civitai`). Its search takes any of them.
+
+All five digests come from one read of the file: each chunk is handed to the digests on worker
+threads (hashlib, zlib and blake3 release the GIL on large buffers), so the cost is that of the
+slowest digest, not their sum (bench/hash_bench.py).
 
 Hashing a 2-7 GB file takes seconds, so results are cached in a small SQLite file, like the
 WebUI's hash cache, per file version (checkpoint.FileVersion). The cache is an optimisation
@@ -16,10 +25,13 @@ import hashlib
 import os
 import sqlite3
 import struct
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from blake3 import blake3
 
 from .checkpoint import FileVersion
 from .errors import InputChangedError
@@ -30,17 +42,33 @@ LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
 
 @dataclass(frozen=True)
 class FileHashes:
+    """Lower-case hex digests; `civitai` gives the forms Civitai displays."""
+
     sha256: str
-    autov3: str | None
+    autov3: str | None  # None for a file that is not .safetensors
     legacy: str
+    crc32: str
+    blake3: str
 
     @property
     def shorthash(self) -> str:
         return self.sha256[:10]
 
-    def to_dict(self) -> dict[str, str | None]:
+    @property
+    def civitai(self) -> dict[str, str]:
+        return civitai_forms(self.sha256, self.legacy, self.autov3, self.crc32, self.blake3)
+
+    def to_dict(self) -> dict[str, str | dict[str, str] | None]:
         return {"sha256": self.sha256, "shorthash": self.shorthash, "autov3": self.autov3,
-                "legacy": self.legacy}
+                "legacy": self.legacy, "crc32": self.crc32, "blake3": self.blake3, "civitai": self.civitai}
+
+
+def civitai_forms(sha256: str | None, legacy: str | None, autov3: str | None, crc32: str | None,
+                  blake3: str | None) -> dict[str, str]:
+    """The hashes as Civitai shows them (and its search takes them); an unknown one is left out."""
+    shown = {"AutoV1": legacy, "AutoV2": sha256 and sha256[:10], "AutoV3": autov3 and autov3[:12],
+             "SHA256": sha256, "CRC32": crc32, "BLAKE3": blake3}
+    return {kind: value.upper() for kind, value in shown.items() if value}
 
 
 def cache_path() -> Path:
@@ -82,24 +110,40 @@ def hash_fd(fd: int, path: Path, *, use_cache: bool = True) -> tuple[FileHashes,
     return hashes, version
 
 
+class _Crc32:
+    """zlib.crc32 as a digest object (Civitai's CRC32: 8 hex digits)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
 def compute_hashes(fd: int, safetensors: bool, size: int) -> FileHashes:
-    full = hashlib.sha256()
+    full, crc, b3 = hashlib.sha256(), _Crc32(), blake3()
     after_header = hashlib.sha256() if safetensors else None
     head = os.pread(fd, 8, 0)
     data_start = 8 + struct.unpack("<Q", head)[0] if after_header and len(head) == 8 else None
     pos = 0
-    # hashlib drops the GIL on large buffers, so the two digests run on two cores.
-    with ThreadPoolExecutor(1) as pool:
+    # One read, every digest: the whole-file digests run on the pool while this thread does the
+    # data-section sha256; each digest sees its chunks in order (one update per digest at a time).
+    with ThreadPoolExecutor(3) as pool:
         while chunk := os.pread(fd, CHUNK, pos):
-            pending = pool.submit(full.update, chunk)
+            pending = [pool.submit(digest.update, chunk) for digest in (full, b3, crc)]
             if after_header is not None and data_start is not None and pos + len(chunk) > data_start:
                 after_header.update(memoryview(chunk)[max(0, data_start - pos):])
-            pending.result()
+            for done in pending:
+                done.result()
             pos += len(chunk)
     if pos != size:
         raise InputChangedError(f"the file has {pos} bytes, not {size}: it changed while being hashed")
     legacy = hashlib.sha256(os.pread(fd, LEGACY_LENGTH, LEGACY_OFFSET)).hexdigest()[:8]
-    return FileHashes(full.hexdigest(), after_header.hexdigest() if after_header else None, legacy)
+    return FileHashes(full.hexdigest(), after_header.hexdigest() if after_header else None, legacy,
+                      crc.hexdigest(), b3.hexdigest())
 
 
 # Keyed by the whole file version: size and mtime alone miss an in-place rewrite whose mtime
@@ -120,12 +164,18 @@ def sha256_fd(fd: int, size: int, should_stop: Callable[[], bool] = lambda: Fals
     return None if should_stop() else digest.hexdigest()
 
 
+# Rows of the first table (`file_hashes`, before CRC32 and BLAKE3) are never read: a file
+# hashed by an older version is hashed again once, and its row lands here with every field.
+_TABLE = "file_hashes_v2"
+_FIELDS = "sha256, autov3, legacy, crc32, blake3"
+
+
 def _connect() -> sqlite3.Connection:
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, timeout=5)
-    db.execute(f"CREATE TABLE IF NOT EXISTS file_hashes ({_KEY}, sha256 TEXT, autov3 TEXT, legacy TEXT,"
-               f" PRIMARY KEY ({_KEY}))")
+    db.execute(f"CREATE TABLE IF NOT EXISTS {_TABLE} ({_KEY}, sha256 TEXT NOT NULL, autov3 TEXT,"
+               f" legacy TEXT NOT NULL, crc32 TEXT NOT NULL, blake3 TEXT NOT NULL, PRIMARY KEY ({_KEY}))")
     return db
 
 
@@ -133,7 +183,7 @@ def _cache_get(ident: tuple) -> FileHashes | None:
     try:
         with _connect() as db:
             row = db.execute(
-                "SELECT sha256, autov3, legacy FROM file_hashes WHERE path=? AND device=? AND inode=? AND size=?"
+                f"SELECT {_FIELDS} FROM {_TABLE} WHERE path=? AND device=? AND inode=? AND size=?"
                 " AND mtime_ns=? AND ctime_ns=?", ident,
             ).fetchone()
         return FileHashes(*row) if row else None
@@ -144,7 +194,7 @@ def _cache_get(ident: tuple) -> FileHashes | None:
 def _cache_put(ident: tuple, hashes: FileHashes) -> None:
     try:
         with _connect() as db:
-            db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (*ident, hashes.sha256, hashes.autov3, hashes.legacy))
+            db.execute(f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (*ident, hashes.sha256, hashes.autov3, hashes.legacy, hashes.crc32, hashes.blake3))
     except (sqlite3.Error, OSError):
         pass

@@ -1,4 +1,5 @@
-"""What a checkpoint is: architecture, components, dtypes, metadata and hashes, from its header."""
+"""What a checkpoint is: architecture, components, dtypes, metadata, recorded lineage and hashes,
+from its header."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .checkpoint import FileVersion, open_checkpoint
 from .errors import CheckpointError, InputChangedError
 from .hashing import hash_fd, hash_version
 from .jsonsafe import try_loads
+from .lineage import recorded_lineage
 
 
 def inspect_checkpoint(path: str | os.PathLike[str], *, hashes: bool = True) -> dict[str, Any]:
@@ -51,6 +53,7 @@ def inspect_version(path: str | os.PathLike[str], *, hashes: bool = True) -> tup
             "ema_keys": len(info.ema),
             "flags": info.flags,
             "metadata": {k: _maybe_json(v) for k, v in checkpoint.metadata.items()},
+            "lineage": recorded_lineage(checkpoint.metadata),
             "warnings": list(info.warnings),
         }
         if info.flags.get("lora"):

@@ -40,6 +40,7 @@ def hash_model(sessions: sessionmaker[Session], model_id: int) -> None:
         facts = dict(status="ready", error=None, architecture=report["architecture"],
                      components=report["components"], header_metadata=stored_metadata(report["metadata"]),
                      sha256=hashes["sha256"], autov3=hashes["autov3"], legacy_hash=hashes["legacy"],
+                     crc32=hashes["crc32"], blake3=hashes["blake3"], lineage=report["lineage"],
                      size=version.size, mtime_ns=version.mtime_ns, inode=version.inode,
                      ctime_ns=version.ctime_ns)
     except (SdmergeError, OSError) as exc:
@@ -102,7 +103,7 @@ def mark_changed(sessions: sessionmaker[Session], path: str) -> list[int]:
                                      .with_for_update()):
             stat = Path(path).stat() if Path(path).exists() else None
             model.status, model.error, model.dispatched_at = "hashing", None, utcnow()
-            model.sha256 = model.autov3 = model.legacy_hash = None
+            model.forget_hashes()
             if stat is not None:
                 model.size, model.mtime_ns = stat.st_size, stat.st_mtime_ns
             enqueue(session, HASH_TASK, model.id)

@@ -19,6 +19,7 @@ from app.runtime import Runtime
 from app.services.files import artifact_path, job_output_path
 from merge_engine.errors import InputChangedError, ResolveError
 from merge_engine.execute import ExecOptions, merge
+from merge_engine.lineage import recorded_lineage
 from merge_engine.plan import ResolvedModel, plan
 from merge_engine.recipe import ModelLeaf, parse_recipe
 from worker import lease
@@ -50,20 +51,24 @@ def _merge(runtime: Runtime, job_id: int, heartbeat: Heartbeat) -> Outcome:
     finally:
         output.unlink(missing_ok=True)
     filename = f"{planned.recipe.name or f'merge-{job_id}'}.safetensors"
+    lineage = recorded_lineage(result.metadata)  # read once, here: lineage requests only read the row
 
     def artifact_id(session: Session) -> dict:
-        return {"artifact_id": _store_artifact(session, result.sha256, result.size, filename, result.metadata)}
+        return {"artifact_id": _store_artifact(session, result.sha256, result.size, filename, result.metadata,
+                                               lineage)}
 
     return Outcome("succeeded", prepare=artifact_id)
 
 
-def _store_artifact(session: Session, sha256: str, size: int, filename: str, metadata: dict) -> int:
+def _store_artifact(session: Session, sha256: str, size: int, filename: str, metadata: dict,
+                    lineage: dict | None) -> int:
     existing = session.scalar(select(Artifact.id).where(Artifact.sha256 == sha256))
     if existing is not None:
         return existing
     try:
         with session.begin_nested():
-            artifact = Artifact(sha256=sha256, size=size, filename=filename, header_metadata=metadata)
+            artifact = Artifact(sha256=sha256, size=size, filename=filename, header_metadata=metadata,
+                                lineage=lineage)
             session.add(artifact)
         return artifact.id
     except IntegrityError:  # identical bytes stored by a concurrent job

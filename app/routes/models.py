@@ -1,4 +1,4 @@
-"""Registry routes: register, scan, upload, list, get, delete."""
+"""Registry routes: register, scan, upload, list (by hash too), get, lineage, delete."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ from fastapi import APIRouter, Query, Request, Response
 from app.bodies import SafeJsonRoute
 from app.deps import DbDep, ModelStatus, RowId, SearchText, SettingsDep, next_cursor, parse_cursor
 from app.openapi import errors
-from app.schemas import ModelOut, Page, RegisterModel, ScanOut
-from app.services import registry
+from app.schemas import LineageOut, ModelOut, Page, RegisterModel, ScanOut
+from app.services import lineage, registry
+
+HashText = Annotated[str | None, Query(max_length=80, pattern=r"^[^\x00]*$", description=(
+    "only the model(s) with this hash, of any kind Civitai shows: AutoV1 or CRC32 (8 hex digits), or a prefix "
+    "(10+) of the sha256 (AutoV2), AutoV3 or BLAKE3; case-insensitive; kind:<hex> limits it to one kind. "
+    "A hash matching several files is a 409 listing them"))]
 
 router = APIRouter(prefix="/models", tags=["models"], route_class=SafeJsonRoute)
 
@@ -38,11 +43,11 @@ async def upload_model(filename: str, request: Request, db: DbDep, settings: Set
     return await db.run(registry.register_upload, settings, received)
 
 
-@router.get("", response_model=Page[ModelOut], responses=errors(400))
+@router.get("", response_model=Page[ModelOut], responses=errors(400, 409))
 async def list_models(db: DbDep, architecture: SearchText = None, name: SearchText = None,
-                      status: ModelStatus = None, cursor: str | None = None,
+                      status: ModelStatus = None, hash: HashText = None, cursor: str | None = None,
                       limit: Annotated[int, Query(ge=1, le=500)] = 100):
-    items = await db.run(registry.list_models, architecture=architecture, name=name, status=status,
+    items = await db.run(registry.list_models, architecture=architecture, name=name, status=status, hash=hash,
                          after=parse_cursor(cursor), limit=limit)
     return {"items": items, "next": next_cursor(items, limit)}
 
@@ -50,6 +55,12 @@ async def list_models(db: DbDep, architecture: SearchText = None, name: SearchTe
 @router.get("/{model_id}", response_model=ModelOut)
 async def get_model(model_id: RowId, db: DbDep):
     return await db.run(registry.get_model, model_id)
+
+
+@router.get("/{model_id}/lineage", response_model=LineageOut, responses=errors(404, 409))
+async def model_lineage(model_id: RowId, db: DbDep,
+                        depth: Annotated[int, Query(ge=1, le=lineage.MAX_DEPTH)] = lineage.MAX_DEPTH):
+    return await db.run(lineage.model_lineage, model_id, depth)
 
 
 @router.delete("/{model_id}", status_code=204)

@@ -12,12 +12,12 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.dispatch import enqueue
-from app.errors import Conflict, ModelNotReady, NotFound, PayloadTooLarge
+from app.errors import BadRequest, Conflict, ModelNotReady, NotFound, PayloadTooLarge
 from app.models import Model, as_row_id, utcnow
 from app.queue import HASH_TASK
 from app.services.files import CHECKPOINT_SUFFIXES, check_checkpoint_header, check_name, confine
@@ -35,7 +35,9 @@ def register(session: Session, settings: Settings, path: str, name: str | None =
     stat = real.stat()
     existing = session.scalar(select(Model).where(Model.path == str(real)))
     if existing is not None:
-        if (existing.size, existing.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+        changed = (existing.size, existing.mtime_ns) != (stat.st_size, stat.st_mtime_ns)
+        # A model hashed before CRC32 and BLAKE3 were (migration 0006) gets them now.
+        if changed or (existing.status == "ready" and existing.blake3 is None):
             _rehash(session, existing, stat)
         return existing, False
     if session.scalar(select(Model.id).where(Model.name == name)) is not None:
@@ -55,7 +57,7 @@ def register(session: Session, settings: Settings, path: str, name: str | None =
 def _rehash(session: Session, model: Model, stat: os.stat_result) -> None:
     model.size, model.mtime_ns = stat.st_size, stat.st_mtime_ns
     model.status, model.error, model.dispatched_at = "hashing", None, utcnow()
-    model.sha256 = model.autov3 = model.legacy_hash = None
+    model.forget_hashes()
     enqueue(session, HASH_TASK, model.id)
 
 
@@ -133,8 +135,11 @@ def register_upload(session: Session, settings: Settings, received: Path) -> Mod
 
 
 def list_models(session: Session, *, architecture: str | None = None, name: str | None = None,
-                status: str | None = None, after: int | None = None, limit: int = 100) -> list[Model]:
+                status: str | None = None, hash: str | None = None, after: int | None = None,
+                limit: int = 100) -> list[Model]:
     query = select(Model).order_by(Model.id).limit(limit)
+    if hash is not None:
+        query = query.where(_hash_match(session, hash))
     if architecture:
         query = query.where(Model.architecture == architecture)
     if name:
@@ -144,6 +149,37 @@ def list_models(session: Session, *, architecture: str | None = None, name: str 
     if after is not None:
         query = query.where(Model.id > after)
     return list(session.scalars(query))
+
+
+HASH_KINDS = {"sha256": "sha256", "autov2": "sha256", "autov3": "autov3", "blake3": "blake3",
+              "autov1": "legacy_hash", "legacy": "legacy_hash", "crc32": "crc32"}
+_PREFIX_KINDS = ("sha256", "autov3", "blake3")  # 64 digits: a prefix of 10 or more finds them
+_SHORT_KINDS = ("legacy_hash", "crc32")  # 8 digits, matched whole
+
+
+def _hash_match(session: Session, text: str) -> ColumnElement[bool]:
+    """Models with this hash, of any kind Civitai shows (or of the kind named as `kind:<hex>`).
+    Several files matching is a 409 listing them: the user pastes a longer hash."""
+    kind, _, digits = text.strip().lower().rpartition(":")
+    columns = [HASH_KINDS[kind]] if kind in HASH_KINDS else list(_PREFIX_KINDS + _SHORT_KINDS) if not kind else []
+    if not columns or not 8 <= len(digits) <= 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise BadRequest("hash must be 8 to 64 hex digits (AutoV1, AutoV2, AutoV3, SHA256, CRC32 or BLAKE3), "
+                         f"optionally as kind:<hex> with kind one of {', '.join(HASH_KINDS)}",
+                         details={"hash": text[:100]})
+    terms = [getattr(Model, c) == digits for c in columns if c in _SHORT_KINDS and len(digits) == 8]
+    terms += [getattr(Model, c).startswith(digits) for c in columns if c in _PREFIX_KINDS and len(digits) >= 10]
+    if not terms:
+        raise BadRequest(f"{len(digits)} hex digits cannot be a {' or '.join(columns)} hash "
+                         "(AutoV1 and CRC32 are 8 digits; a sha256, AutoV3 or BLAKE3 prefix is 10 or more)",
+                         details={"hash": text[:100]})
+    match = or_(*terms)
+    files = session.execute(select(Model.id, Model.name, Model.sha256).where(match).order_by(Model.id)
+                            .limit(50)).all()
+    if len({row.sha256 for row in files}) > 1:
+        raise Conflict("this hash matches several files: give more digits or its kind (e.g. crc32:<hex>)",
+                       details={"hash": text[:100], "matches": [
+                           {"id": row.id, "name": row.name, "sha256": row.sha256} for row in files]})
+    return match
 
 
 def get_model(session: Session, model_id: int) -> Model:

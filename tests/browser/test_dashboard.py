@@ -95,12 +95,18 @@ def test_register_scan_upload_and_a_models_details(server, page, tmp_path):
         merged = wait_for(lambda: _ready(client, "merged"), 60, "the merged model to be hashed")
     open_page(page, server, f"models/{models['first']['id']}")
     page.get_by_text(models["first"]["sha256"]).first.wait_for()
+    page.get_by_text(models["first"]["blake3"]).first.wait_for()
+    page.get_by_text(models["first"]["civitai"]["AutoV3"]).first.wait_for()  # as Civitai shows it
     page.get_by_text("text_encoder").first.wait_for()
     open_page(page, server, f"models/{merged['id']}")
     lineage = page.locator("#lineage")
     lineage.get_by_role("link", name="first").wait_for()  # the input, linked to its registry row
     lineage.get_by_role("link", name="sd2-2.safetensors").wait_for()
+    assert lineage.locator("ul.lineage ul > li", has_text="× 1/2").count() == 2  # each input's weight
     screenshot(page, "model-detail")
+    open_page(page, server, "models")
+    page.fill("input[type=search]", models["first"]["civitai"]["CRC32"])  # a hash pasted from Civitai
+    page.wait_for_function("document.querySelectorAll('table.data tbody tr').length === 1")
 
 
 def _all_ready(client: httpx.Client) -> list[dict] | None:

@@ -14,21 +14,21 @@ const COLUMNS = [
   { key: "components", label: "Components", value: (m) => Object.keys(m.components || {}).join(", ") },
   { key: "size", label: "Size", num: true, render: (m) => bytes(m.size) },
   { key: "sha256", label: "Hash", value: (m) => (m.sha256 || "").slice(0, 10), render: (m) => h("code", { title: m.sha256 || "" }, (m.sha256 || "").slice(0, 10)) },
-  { key: "autov3", label: "AutoV3", value: (m) => (m.autov3 || "").slice(0, 10), render: (m) => h("code", { title: m.autov3 || "" }, (m.autov3 || "").slice(0, 10)) },
+  { key: "autov3", label: "AutoV3", value: (m) => (m.autov3 || "").slice(0, 12), render: (m) => h("code", { title: m.autov3 || "" }, (m.autov3 || "").slice(0, 12)) },
   { key: "status", label: "Status", render: (m) => h("span", { title: m.error || "" }, badge(m.status), m.error ? h("div", { class: "error" }, m.error) : null) },
 ];
 
 async function list(view, ctx) {
   const message = h("div");
   const count = h("span", { class: "muted" });
-  const text = h("input", { type: "search", placeholder: "name contains…", "aria-label": "filter by name" });
+  const text = h("input", { type: "search", placeholder: "name or hash…", "aria-label": "filter by name or hash" });
   const architecture = h("select", { "aria-label": "architecture" }, ["", "sd1", "sd2", "sdxl"].map((a) => h("option", { value: a }, a || "any architecture")));
   const status = h("select", { "aria-label": "status" }, ["", "ready", "hashing", "failed"].map((s) => h("option", { value: s }, s || "any status")));
   let models = [];
   const table = sortableTable(COLUMNS, []);
   const filtered = () => {
     const needle = text.value.trim().toLowerCase();
-    return models.filter((m) => (!needle || m.name.toLowerCase().includes(needle))
+    return models.filter((m) => (!needle || m.name.toLowerCase().includes(needle) || hashMatch(m, needle))
       && (!architecture.value || m.architecture === architecture.value) && (!status.value || m.status === status.value));
   };
   const redraw = () => {
@@ -106,6 +106,13 @@ async function list(view, ctx) {
   }, 2000);
 }
 
+// A hash as Civitai shows it (any kind, any case) finds its model, as GET /models?hash= does.
+function hashMatch(model, needle) {
+  if (needle.length < 8 || !/^[0-9a-f]+$/.test(needle)) return false;
+  if (needle.length === 8 && (model.legacy_hash === needle || model.crc32 === needle)) return true;
+  return needle.length >= 10 && [model.sha256, model.autov3, model.blake3].some((x) => (x || "").startsWith(needle));
+}
+
 async function act(message, fn) {
   try { await fn(); } catch (error) { message.replaceChildren(errorBox(error)); }
 }
@@ -113,7 +120,7 @@ async function act(message, fn) {
 async function detail(view, ctx, id) {
   const model = await api(`/models/${encodeURIComponent(id)}`);
   const metadata = model.metadata || {};
-  const lineage = await lineageOf(metadata);
+  const lineage = await lineageOf(model, metadata);
   const remove = h("button", {
     class: "danger", onclick: async () => {
       if (!confirm(`Forget ${model.name}? (an uploaded file is deleted too)`)) return;
@@ -128,7 +135,11 @@ async function detail(view, ctx, id) {
       h("div", { class: "card" }, h("table", { class: "data" }, h("tbody", {}, [
         ["Path", h("code", {}, model.path)], ["Size", bytes(model.size)], ["Architecture", model.architecture || ""],
         ["sha256", h("code", {}, model.sha256 || "")], ["AutoV3", h("code", {}, model.autov3 || "")],
-        ["Legacy hash", h("code", {}, model.legacy_hash || "")], ["Registered", when(model.created_at)],
+        ["Legacy hash", h("code", {}, model.legacy_hash || "")], ["CRC32", h("code", {}, model.crc32 || "")],
+        ["BLAKE3", h("code", {}, model.blake3 || "")],
+        ["On Civitai", h("span", {}, Object.entries(model.civitai || {}).filter(([k]) => !["SHA256", "BLAKE3"].includes(k))
+          .map(([k, v]) => h("span", { class: "hash" }, `${k} `, h("code", {}, v), " ")))],
+        ["Registered", when(model.created_at)],
       ].map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v))))), h("p", {}, remove)),
       h("div", { class: "card" }, h("h2", {}, "Components"), h("table", { class: "data" },
         h("thead", {}, h("tr", {}, h("th", {}, "Component"), h("th", { class: "num" }, "Keys"), h("th", { class: "num" }, "Parameters"), h("th", {}, "dtypes"))),
@@ -142,31 +153,42 @@ async function detail(view, ctx, id) {
 
 // The API hands metadata values that hold JSON as parsed values; a string is parsed here.
 const parsed = (value) => (typeof value === "string" ? JSON.parse(value) : value);
+const readable = (value) => { try { return parsed(value); } catch { return null; } };
 
-// What the file says it was merged from: sdmerge's recipe and inputs, or A1111's merge recipe;
-// each input linked to its registry row when it is registered (by sha256).
-async function lineageOf(metadata) {
-  let recipe = null, inputs = [];
-  try {
-    if (metadata.sdmerge_recipe) {
-      recipe = parsed(metadata.sdmerge_recipe);
-      inputs = parsed(metadata.sdmerge_inputs || []);
-    } else if (metadata.sd_merge_recipe) {
-      recipe = parsed(metadata.sd_merge_recipe);
-      inputs = Object.entries(parsed(metadata.sd_merge_models || {})).map(([sha256, m]) => ({ sha256, name: m.name || m.legacy_hash || sha256 }));
-    }
-  } catch {
-    return h("p", { class: "error" }, "the merge metadata is not valid JSON");
+// What the file says it was merged from, as a tree: GET /models/{id}/lineage walks the recorded
+// recipes (registered models, merge outputs, the ancestors A1111 and sdmerge carry forward); each
+// parent under the merge that took it, with its weight; a file reached twice is listed once.
+async function lineageOf(model, metadata) {
+  const recipe = readable(metadata.sdmerge_recipe ?? metadata.sd_merge_recipe ?? null);
+  const study = readable(metadata.sdmerge_study ?? null);
+  if (model.status !== "ready") return h("p", { class: "muted" }, "known once the model is hashed");
+  const graph = await api(`/models/${model.id}/lineage`);
+  const nodes = new Map(graph.nodes.map((n) => [n.id, n]));
+  const parents = new Map();
+  for (const edge of graph.edges) {
+    if (!parents.has(edge.child)) parents.set(edge.child, []);
+    parents.get(edge.child).push(edge);
   }
-  if (!recipe) return h("p", { class: "muted" }, "not a recorded merge");
-  const registered = new Map((inputs.length ? await all("/models") : []).map((m) => [m.sha256, m]));
-  const rows = inputs.map((input) => {
-    const found = registered.get(input.sha256);
-    return h("tr", {}, h("td", {}, input.name || ""), h("td", {}, h("code", {}, (input.sha256 || "").slice(0, 10))),
-      h("td", {}, found ? h("a", { href: `#/models/${found.id}` }, found.name) : h("span", { class: "muted" }, "not registered")));
-  });
-  return h("div", {}, rows.length ? h("table", { class: "data" },
-    h("thead", {}, h("tr", {}, h("th", {}, "Input"), h("th", {}, "sha256"), h("th", {}, "In the registry"))), h("tbody", {}, rows)) : null,
-  metadata.sdmerge_study ? h("p", {}, "Chosen by a selection study: ", h("code", {}, parsed(metadata.sdmerge_study).name || "")) : null,
-  h("h2", {}, "Recipe"), json(recipe));
+  if (!parents.has(graph.root)) return h("p", { class: "muted" }, "not a recorded merge");
+  const listed = new Set();
+  const item = (id, edge) => {
+    const node = nodes.get(id);
+    const again = listed.has(id);
+    listed.add(id);
+    const below = again ? [] : parents.get(id) || [];
+    const label = node.model_id
+      ? h("a", { href: `#/models/${node.model_id}` }, node.model_name)
+      : h("span", {}, node.name || id.slice(0, 10), " ", h("span", { class: "muted" }, node.artifact_id ? `(merge output #${node.artifact_id})` : "(not registered)"));
+    return h("li", {}, label,
+      node.sha256 ? h("code", { title: node.sha256 }, ` ${node.sha256.slice(0, 10)}`) : null,
+      edge && edge.weight_exact !== null ? h("span", {}, ` × ${edge.weight_exact}`) : null,
+      node.merge ? h("span", { class: "muted" }, ` ${node.merge.method || "merge"} (${node.merge.tool || "?"})`) : null,
+      again && (parents.get(id) || []).length ? h("span", { class: "muted" }, " (see above)") : null,
+      below.length ? h("ul", {}, below.map((e) => item(e.parent, e))) : null);
+  };
+  return h("div", {}, h("ul", { class: "lineage" }, item(graph.root, null)),
+    graph.cyclic ? h("p", { class: "error" }, "the recorded lineage loops: some file claims to be its own ancestor") : null,
+    graph.truncated ? h("p", { class: "muted" }, "the lineage is cut short (too large or too deep)") : null,
+    study ? h("p", {}, "Chosen by a selection study: ", h("code", {}, study.name || "")) : null,
+    recipe ? h("h2", {}, "Recipe") : null, recipe ? json(recipe) : null);
 }
