@@ -24,7 +24,7 @@ LOG_FORMATS = ("text", "json")
 current_work: ContextVar[dict[str, Any] | None] = ContextVar("sdmerge_current_work", default=None)
 WORK_FIELDS = ("kind", "job_id", "task_id")
 # The attributes every LogRecord has: anything else on a record came from `extra=` and is kept.
-_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "work"}
+_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "work", "color_message"}
 
 
 @contextlib.contextmanager
@@ -92,3 +92,4 @@ def logging_config(log_format: str, level: str = "INFO", access_log: bool = True
 
 def configure_logging(log_format: str, level: str = "INFO") -> None:
     logging.config.dictConfig(logging_config(log_format, level))
+    logging.captureWarnings(True)  # warnings become log lines too (logger `py.warnings`)

@@ -33,7 +33,7 @@ def run_worker(queues: Sequence[str] = QUEUES, loglevel: str = "INFO") -> None:
     argv = ["worker", "-Q", ",".join(queues), "--loglevel", loglevel, "--pool", "solo",
             "--concurrency", "1", "--without-mingle", "--without-gossip", "--hostname", name]
     if settings.log_format == "json":
-        argv.append("--quiet")  # no banner: every line of the output is a JSON object
+        argv.insert(0, "--quiet")  # no banner: every line of the output is a JSON object
     presence = Presence(settings, name, list(queues), settings.merge_device).start()
     try:
         runtime.celery.worker_main(argv)
