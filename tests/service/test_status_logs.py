@@ -104,3 +104,35 @@ def test_the_view_of_a_running_merge():
               "disk": {"free_bytes": None}}
     view = render(status, "http://x")
     assert "broker   error: down\n" in view and "  merge 6  f  bad: no" in view and running_line(merge) in view
+
+
+def test_worker_presence_and_its_health_check(tmp_path):
+    from app.presence import Presence, check_local, read_workers, worker_name
+    from app.settings import settings_from_env
+
+    settings = settings_from_env({"SDMERGE_DATA_DIR": str(tmp_path)})
+    assert "no worker of" in check_local(settings)
+    presence = Presence(settings, worker_name(), ["merge"], "cpu").start()
+    try:
+        (seen,) = read_workers(settings)
+        assert seen["alive"] and seen["queues"] == ["merge"] and seen["running"] is None
+        assert check_local(settings) is None
+        (seen,) = read_workers(settings, now=seen["beat_at"] + 31)
+        assert not seen["alive"]
+        stale = {**json.loads(presence.path.read_text()), "beat_at": seen["beat_at"] - 60}
+        presence.path.write_text(json.dumps(stale))  # a worker whose beat thread stalled
+        assert "stopped beating" in check_local(settings)
+    finally:
+        presence.stop()
+    assert read_workers(settings) == [] and "no worker of" in check_local(settings)
+
+
+def test_celery_events_only_in_scale_out(tmp_path):
+    from app.queue import make_celery
+    from app.settings import settings_from_env
+
+    embedded = make_celery(settings_from_env({"SDMERGE_DATA_DIR": str(tmp_path)})).conf
+    scaled = make_celery(settings_from_env({"SDMERGE_DATA_DIR": str(tmp_path),
+                                            "SDMERGE_BROKER_URL": "redis://127.0.0.1:1/0"})).conf
+    assert (embedded.worker_send_task_events, embedded.task_send_sent_event) == (False, False)
+    assert (scaled.worker_send_task_events, scaled.task_send_sent_event) == (True, True)
