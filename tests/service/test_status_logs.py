@@ -119,6 +119,8 @@ def test_worker_presence_and_its_health_check(tmp_path):
         assert check_local(settings) is None
         (seen,) = read_workers(settings, now=seen["beat_at"] + 31)
         assert not seen["alive"]
+        presence._stop.set()  # its beat thread stalls (the process lives on)
+        presence._thread.join()
         stale = {**json.loads(presence.path.read_text()), "beat_at": seen["beat_at"] - 60}
         presence.path.write_text(json.dumps(stale))  # a worker whose beat thread stalled
         assert "stopped beating" in check_local(settings)
