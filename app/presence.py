@@ -2,7 +2,8 @@
 seconds, from a thread of its own, so it beats while a merge holds the solo pool (a Celery ping
 would wait for the merge). The data dir is the volume every host shares, so any API process
 lists every worker; the file also serves the container's health check (`sdmerge worker --check`).
-A worker stopped cleanly removes its file; one killed leaves it to go stale, then to be removed.
+A worker stopped cleanly removes its file; one killed leaves it stale, until a reader on its host
+sees its process gone (or, on another host, a day later).
 """
 
 from __future__ import annotations
@@ -77,11 +78,17 @@ def read_workers(settings: Settings, now: float | None = None) -> list[dict]:
             age = now - float(entry["beat_at"])
         except (OSError, ValueError, KeyError, TypeError):  # removed or replaced meanwhile
             continue
-        if age > FORGET_SECONDS:
-            path.unlink(missing_ok=True)
+        if age > FORGET_SECONDS or (age > ALIVE_SECONDS and _dead_here(entry)):
+            path.unlink(missing_ok=True)  # long gone, or a killed worker of this host
             continue
         found.append({**entry, "age_seconds": round(max(age, 0.0), 3), "alive": age < ALIVE_SECONDS})
     return found
+
+
+def _dead_here(entry: dict) -> bool:
+    """A worker of this host (same hostname, so same process namespace) whose process is gone."""
+    return entry.get("hostname") == socket.gethostname() and not Path(f"/proc/{entry.get('pid')}").exists() \
+        and Path("/proc/self").exists()
 
 
 def check_local(settings: Settings) -> str | None:

@@ -124,6 +124,8 @@ def test_worker_presence_and_its_health_check(tmp_path):
         stale = {**json.loads(presence.path.read_text()), "beat_at": seen["beat_at"] - 60}
         presence.path.write_text(json.dumps(stale))  # a worker whose beat thread stalled
         assert "stopped beating" in check_local(settings)
+        presence.path.write_text(json.dumps({**stale, "pid": 2**22 + 1}))  # killed: no such process
+        assert read_workers(settings) == [] and not presence.path.exists()
     finally:
         presence.stop()
     assert read_workers(settings) == [] and "no worker of" in check_local(settings)
