@@ -35,12 +35,20 @@ def snapshot(runtime: Runtime, session: Session) -> dict[str, Any]:
     return {
         "time": now.isoformat() + "Z",
         "broker": queue_depths(runtime),
-        "workers": read_workers(runtime.settings),
+        "workers": [_kind_named(w) for w in read_workers(runtime.settings)],
         "work": work_counts(session),
         "running": running(session, now),
         "recent_failures": recent_failures(session),
         "disk": disk_usage(runtime.settings),
     }
+
+
+def _kind_named(worker: dict) -> dict:
+    """A presence file names the work by its table's kind; the status, as users do."""
+    if worker.get("running"):
+        worker["running"] = {**worker["running"], "kind": KIND_OF_TABLE.get(worker["running"]["kind"],
+                                                                            worker["running"]["kind"])}
+    return worker
 
 
 def work_counts(session: Session) -> dict[str, dict[str, int]]:
