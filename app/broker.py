@@ -154,6 +154,15 @@ def waiting(connection, queue: str, taken_within: float = float("inf")) -> set[t
     return found
 
 
+def depth(connection, queue: str) -> int:
+    """How many messages of `queue` wait for a worker (not counting those taken)."""
+    channel = connection.default_channel
+    if isinstance(channel, Channel):
+        wanted = f"{queue}.msg"
+        return sum(1 for name in os.listdir(channel.data_folder_in) if name.partition(".")[2] == wanted)
+    return int(channel._size(queue))  # redis: the lengths of the queue's list per priority
+
+
 def _payloads(connection, queue: str, taken_within: float) -> Iterator[dict]:
     channel = connection.default_channel
     if isinstance(channel, Channel):

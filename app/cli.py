@@ -1,4 +1,5 @@
-"""The `sdmerge` console script: the engine's commands plus `serve`, `worker` and `db upgrade`.
+"""The `sdmerge` console script: the engine's commands plus `serve`, `worker`, `status` and
+`db upgrade`.
 
 Service modules are imported only when their command runs, so `sdmerge merge` stays light.
 """
@@ -32,7 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker for the scale-out mode (settings from SDMERGE_*)")
     p.add_argument("--queues", default="merge,hash,preview", help="comma-separated queues to consume")
     p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--check", action="store_true",
+                   help="exit 0 if a worker of this host beats (a container health check), 1 if not")
     p.set_defaults(handler=_worker)
+
+    p = sub.add_parser("status", help="the deployment at a glance: queues, workers, running jobs")
+    p.add_argument("--url", default=None, help="the API (SDMERGE_URL; http://127.0.0.1:8000)")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="redraw every SECONDS (2) until interrupted")
+    p.set_defaults(handler=_status)
 
     p = sub.add_parser("db", help="database tools")
     db = p.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
@@ -56,10 +65,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from worker.main import run_worker
+    from worker.main import check_worker, run_worker
 
+    if args.check:
+        problem = check_worker()
+        print(f"sdmerge: {problem}" if problem else "sdmerge: worker alive", file=sys.stderr if problem else sys.stdout)
+        return 1 if problem else 0
     run_worker([q for q in args.queues.split(",") if q], args.loglevel)
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from app.status_cli import run_status
+
+    return run_status(args.url, args.watch)
 
 
 def _db_upgrade(_args: argparse.Namespace) -> int:

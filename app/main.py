@@ -10,6 +10,7 @@ from fastapi.staticfiles import StaticFiles
 from app.auth import BearerTokenMiddleware
 from app.bodies import BodyLimitMiddleware
 from app.errors import install_error_handlers
+from app.metrics import make_registry
 from app.openapi import install_openapi
 from app.routes import analyses, artifacts, docs, merges, models, previews, studies, system, web
 from app.runtime import make_runtime
@@ -29,6 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Streaming N-way Stable Diffusion checkpoint merges: registry, jobs, artifacts, "
                               "analyses, previews.")
     app.state.runtime = runtime
+    app.state.metrics = make_registry(runtime)
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, limit=runtime.settings.max_json_bytes)

@@ -56,6 +56,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_pool="solo",
         worker_hijack_root_logger=False,
         worker_enable_remote_control=not settings.embedded,
-        worker_send_task_events=False,
+        # Scale-out: task events for Flower (task-sent from the API, the rest from the workers).
+        worker_send_task_events=not settings.embedded,
+        task_send_sent_event=not settings.embedded,
     )
     return app

@@ -39,6 +39,55 @@ class ReadyOut(BaseModel):
     disk: dict[str, Any] = Field(description="free_bytes, total_bytes and min_free_bytes of the data dir")
 
 
+class BrokerStatusOut(BaseModel):
+    status: str = Field(description="ok, or the error the broker answered with")
+    queues: dict[str, int] = Field(description="messages waiting per queue (merge, hash, preview)")
+
+
+class WorkerOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    hostname: str
+    pid: int
+    queues: list[str]
+    device: str
+    started_at: float = Field(description="Unix time")
+    beat_at: float = Field(description="Unix time of the last heartbeat (every 5 s)")
+    age_seconds: float
+    alive: bool = Field(description="heard of within 30 s")
+    running: dict[str, Any] | None = Field(description="the kind and id of the work it runs, if any")
+
+
+class RunningOut(BaseModel):
+    kind: str = Field(description="merge, analysis or preview")
+    id: int
+    name: str | None
+    attempts: int
+    started_at: str | None
+    running_seconds: float | None
+    heartbeat_age_seconds: float = Field(description="seconds since its worker last renewed the lease")
+    lease_expired: bool
+    progress: dict[str, Any] | None
+
+
+class FailureOut(BaseModel):
+    kind: str
+    id: int
+    name: str | None
+    finished_at: str | None
+    error: dict[str, Any]
+
+
+class StatusOut(BaseModel):
+    time: str
+    broker: BrokerStatusOut
+    workers: list[WorkerOut]
+    work: dict[str, dict[str, int]] = Field(description="rows per kind (merge, analysis, preview, model) and status")
+    running: list[RunningOut]
+    recent_failures: list[FailureOut]
+    disk: dict[str, Any]
+
+
 class RegisterModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -35,10 +35,13 @@ def serve(settings: Settings, host: str, port: int, *, scan: bool = False, acces
           api_workers: int = 1) -> None:
     import uvicorn
 
+    from app.logs import configure_logging, logging_config
     from app.main import create_app
     from app.migrate import upgrade
 
     check_bind(host, settings)
+    log_config = logging_config(settings.log_format, "INFO", access_log)
+    configure_logging(settings.log_format)
     app = create_app(settings)
     runtime = app.state.runtime
     upgrade(runtime.engine)
@@ -48,10 +51,9 @@ def serve(settings: Settings, host: str, port: int, *, scan: bool = False, acces
         with runtime.sessions() as session:
             found = registry.scan(session, settings)
             session.commit()
-        print(f"sdmerge: scan registered {len(found['registered'])} models, skipped {len(found['skipped'])}",
-              flush=True)
+        _say(settings, f"scan registered {len(found['registered'])} models, skipped {len(found['skipped'])}")
         for skipped in found["skipped"]:  # one bad file never stops the server: say which and why
-            print(f"sdmerge: skipped {skipped['path']}: {skipped['error']['message']}", flush=True)
+            _say(settings, f"skipped {skipped['path']}: {skipped['error']['message']}")
     # Everything built so far lives as long as the server: keep it out of the collector's scans,
     # and collect less often, so no request waits behind a full-heap GC pass (the poll tail).
     gc.collect()
@@ -62,17 +64,24 @@ def serve(settings: Settings, host: str, port: int, *, scan: bool = False, acces
     sys.setswitchinterval(0.001)
     child = ChildWorker() if settings.embedded else None
     mode = "embedded (SQLite or given database, filesystem broker, child worker)" if child else "API only"
-    print(f"sdmerge: serving on http://{host}:{port} (docs at /docs), data dir {settings.data_dir}, {mode}",
-          flush=True)
+    _say(settings, f"serving on http://{host}:{port} (docs at /docs), data dir {settings.data_dir}, {mode}")
     try:
         if api_workers > 1:  # each process builds its own app from the same environment
             uvicorn.run("app.main:create_app", factory=True, workers=api_workers, host=host, port=port,
-                        log_level="info", access_log=access_log)
+                        log_level="info", access_log=access_log, log_config=log_config)
         else:
-            uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
+            uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, log_config=log_config)
     finally:
         if child:
             child.stop()
+
+
+def _say(settings: Settings, message: str) -> None:
+    """To the terminal as `sdmerge: ...`; in JSON mode as a log line, so every line parses."""
+    if settings.log_format == "json":
+        log.info(message)
+    else:
+        print(f"sdmerge: {message}", flush=True)
 
 
 class ChildWorker:

@@ -35,6 +35,7 @@ class Settings:
     verify_inputs: bool = False  # also sha256 every input during a merge (see ExecOptions.verify_inputs)
     preview_device: str = "auto"
     db_pool_size: int = 10
+    log_format: str = "text"  # or "json": one object a line, the job id on each (app/logs.py)
 
     @property
     def embedded(self) -> bool:
@@ -89,6 +90,7 @@ def settings_from_env(env: dict[str, str] | os._Environ = os.environ) -> Setting
         verify_inputs=env.get("SDMERGE_VERIFY_INPUTS", "0").lower() in ("1", "true", "yes"),
         preview_device=env.get("SDMERGE_PREVIEW_DEVICE") or "auto",
         db_pool_size=int(env.get("SDMERGE_DB_POOL_SIZE", 10)),
+        log_format=(env.get("SDMERGE_LOG_FORMAT") or "text").lower(),
     )
 
 

@@ -9,6 +9,7 @@ worker killed mid-run, or a reaper re-dispatch never records two outcomes for on
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
@@ -21,6 +22,8 @@ from typing import Any
 from sqlalchemy import and_, func, or_, update
 from sqlalchemy.orm import Session
 
+from app import presence
+from app.logs import working_on
 from app.models import Leased, utcnow
 from app.runtime import Runtime
 from merge_engine.errors import MergeCancelled, SdmergeError
@@ -56,20 +59,31 @@ def run_leased(runtime: Runtime, table: type[Leased], row_id: int, work: Work,
     """Claim the row and run `work` under its lease (or under `owner`'s, claimed already);
     returns the final status, or None if the row was not claimable (finished, cancelled, leased
     elsewhere) or the lease was lost."""
-    if owner is not None:
+    with working_on(kind=table.kind, job_id=row_id):
+        if owner is not None:
+            return run_claimed(runtime, table, row_id, owner, work, describe)
+        owner = new_owner()
+        if not claim(runtime, table, row_id, owner):
+            log.info("%s %s: not claimable (finished, cancelled or leased elsewhere)", table.kind, row_id)
+            return None
+        log.info("%s %s: claimed by %s (pid %s)", table.kind, row_id, owner, os.getpid())
         return run_claimed(runtime, table, row_id, owner, work, describe)
-    owner = new_owner()
-    if not claim(runtime, table, row_id, owner):
-        log.info("%s %s: not claimable (finished, cancelled or leased elsewhere)", table.kind, row_id)
-        return None
-    log.info("%s %s: claimed by %s (pid %s)", table.kind, row_id, owner, os.getpid())
-    return run_claimed(runtime, table, row_id, owner, work, describe)
 
 
 def run_claimed(runtime: Runtime, table: type[Leased], row_id: int, owner: str, work: Work,
                 describe: Callable[[Any], dict] | None = None) -> str | None:
     """Run `work` for a row whose lease `owner` holds, and record the outcome while it still does.
     Domain errors fail the row with their message; a cancel ends it `cancelled`."""
+    presence.running.update(kind=table.kind, id=row_id)
+    try:
+        with working_on(kind=table.kind, job_id=row_id):
+            return _run_claimed(runtime, table, row_id, owner, work, describe)
+    finally:
+        presence.running.clear()
+
+
+def _run_claimed(runtime: Runtime, table: type[Leased], row_id: int, owner: str, work: Work,
+                 describe: Callable[[Any], dict] | None) -> str | None:
     with Heartbeat(runtime, table, row_id, owner, describe) as heartbeat:
         try:
             outcome = work(heartbeat)
@@ -160,7 +174,10 @@ class Heartbeat:
         self._progress: Any = None
         self._cancel = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{table.kind}-{row_id}", daemon=True)
+        # In the caller's context, so what the heartbeat logs names the work too (app/logs.py).
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name=f"lease-{table.kind}-{row_id}",
+                                        daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._beat_safely()  # at once: a cancel that came in since the claim stops the work early

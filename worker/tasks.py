@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import shared_task
 
+from app.logs import working_on
 from app.models import Model
 from app.queue import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK
 from app.runtime import Runtime, make_runtime
@@ -21,7 +22,7 @@ from worker.previews import run_preview
 
 def run_hash(runtime: Runtime, model_id: int) -> None:
     """A big file takes longer than a lease to hash: vouch for it meanwhile (worker/reaper.py)."""
-    with Vouch(runtime, Model, model_id, "hashing"):
+    with working_on(kind="model", job_id=model_id), Vouch(runtime, Model, model_id, "hashing"):
         hash_model(runtime.sessions, model_id)
 
 
@@ -39,21 +40,25 @@ def worker_runtime() -> Runtime:
     return make_runtime(get_settings())
 
 
-@shared_task(name=MERGE_TASK)
-def merge_task(job_id: int) -> None:
-    run_merge_job(worker_runtime(), job_id)
+@shared_task(bind=True, name=MERGE_TASK)
+def merge_task(self, job_id: int) -> None:
+    with working_on(task_id=self.request.id):
+        run_merge_job(worker_runtime(), job_id)
 
 
-@shared_task(name=HASH_TASK)
-def hash_model_task(model_id: int) -> None:
-    run_hash(worker_runtime(), model_id)
+@shared_task(bind=True, name=HASH_TASK)
+def hash_model_task(self, model_id: int) -> None:
+    with working_on(task_id=self.request.id):
+        run_hash(worker_runtime(), model_id)
 
 
-@shared_task(name=ANALYSIS_TASK)
-def analysis_task(analysis_id: int) -> None:
-    run_analysis(worker_runtime(), analysis_id)
+@shared_task(bind=True, name=ANALYSIS_TASK)
+def analysis_task(self, analysis_id: int) -> None:
+    with working_on(task_id=self.request.id):
+        run_analysis(worker_runtime(), analysis_id)
 
 
-@shared_task(name=PREVIEW_TASK)
-def preview_task(preview_id: int) -> None:
-    run_preview(worker_runtime(), preview_id)
+@shared_task(bind=True, name=PREVIEW_TASK)
+def preview_task(self, preview_id: int) -> None:
+    with working_on(task_id=self.request.id):
+        run_preview(worker_runtime(), preview_id)

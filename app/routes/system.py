@@ -1,16 +1,16 @@
-"""Liveness and readiness."""
+"""Liveness, readiness, the deployment's status (`sdmerge status`) and Prometheus metrics."""
 
 from __future__ import annotations
 
-import shutil
-
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from app.bodies import SafeJsonRoute
 from app.deps import RuntimeDep
-from app.schemas import ReadyOut
+from app.schemas import ReadyOut, StatusOut
+from app.services.status import disk_usage, snapshot
 
 router = APIRouter(tags=["system"], route_class=SafeJsonRoute)
 
@@ -22,7 +22,7 @@ def health() -> dict[str, str]:
 
 @router.get("/ready", response_model=ReadyOut, responses={503: {"model": ReadyOut, "description": "not ready"}})
 def ready(runtime: RuntimeDep) -> JSONResponse:
-    disk = _disk(runtime.settings)
+    disk = disk_usage(runtime.settings)
     checks = {"database": _check(lambda: _ping_database(runtime)), "broker": _check(lambda: _ping_broker(runtime)),
               "disk": disk.pop("check")}
     ok = all(v == "ok" for v in checks.values())
@@ -30,15 +30,19 @@ def ready(runtime: RuntimeDep) -> JSONResponse:
                         200 if ok else 503)
 
 
-def _disk(settings) -> dict:
-    """Free space where the database, uploads and artifacts go (SDMERGE_MIN_FREE_BYTES)."""
-    try:
-        usage = shutil.disk_usage(settings.data_dir)
-    except OSError as exc:
-        return {"check": f"error: {exc.strerror}", "free_bytes": None, "min_free_bytes": settings.min_free_bytes}
-    low = usage.free < settings.min_free_bytes
-    return {"check": f"error: {usage.free:,} bytes free, below {settings.min_free_bytes:,}" if low else "ok",
-            "free_bytes": usage.free, "total_bytes": usage.total, "min_free_bytes": settings.min_free_bytes}
+@router.get("/system/status", response_model=StatusOut)
+def system_status(runtime: RuntimeDep) -> dict:
+    """Queues, workers, running work with its progress, counts by kind and status, recent
+    failures and free space: what `sdmerge status` shows."""
+    with runtime.sessions() as session:
+        return snapshot(runtime, session)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+def metrics(request: Request) -> Response:
+    """Prometheus' text format, computed from the database, the broker and the workers' presence
+    at scrape time (app/metrics.py). Behind the API token like every non-public route."""
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
 def _ping_database(runtime) -> None:
