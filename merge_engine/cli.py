@@ -287,6 +287,9 @@ def _plan(args: argparse.Namespace) -> int:
             print(f"    {source['weight']:+.6f}  {source['model']}  ({source['exact_weight']})")
     out = summary["output"]
     print(f"  output: {out['keys']} tensors, {out['bytes']:,} bytes, {out['dtype']}; reads {summary['bytes_to_read']:,} bytes")
+    if spec := summary["modelspec"]:
+        print(f"  modelspec: {spec['architecture']}, {spec.get('prediction_type', 'no prediction type')}, "
+              f"title {spec['title']!r} (hash_sha256 sealed after writing)")
     for warning in summary["warnings"]:
         print(f"  warning: {warning}")
     return 0

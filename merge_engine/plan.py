@@ -186,6 +186,8 @@ class Plan:
                           if self.recipe.output.component_dtypes else {}),
                        **({"components": self.recipe.output.components} if self.recipe.output.components else {})},
             "bytes_to_read": self.bytes_to_read,
+            "modelspec": {k.removeprefix("modelspec."): v for k, v in self.metadata.items()
+                          if k.startswith("modelspec.") and k != labels.HASH_KEY},
             **({"loras": {i.name: i.checkpoint.report.to_dict() for i in self.inputs if isinstance(i.checkpoint, LoraDelta)}}
                if any(isinstance(i.checkpoint, LoraDelta) for i in self.inputs) else {}),
             "warnings": list(self.warnings),

@@ -132,8 +132,10 @@ def test_bad_labels_are_refused_and_labels_can_be_turned_off(make_model, tmp_pat
     assert "modelspec" not in parse_recipe({"merge": "x.safetensors"}).canonical_json()
 
 
-def test_inspect_checks_the_sealed_hash(make_model, tmp_path, capsys):
+def test_inspect_checks_the_sealed_hash(make_model, tmp_path, capsys, write_recipe):
     model = make_model("m.safetensors", "sd1", seed=1)
+    assert main(["plan", str(write_recipe({"name": "one", "merge": str(model)}))]) == 0
+    assert "modelspec: stable-diffusion-v1, epsilon, title 'one'" in capsys.readouterr().out
     run(tmp_path, {"merge": str(model)})
     out = tmp_path / "out.safetensors"
     assert main(["inspect", str(out), "--json"]) == 0
