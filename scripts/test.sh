@@ -20,8 +20,21 @@ ensure_chromium() {
     exit 1
 }
 
+ensure_compose() {
+    # tests/test_deployment.py checks docker-compose.yml with a real compose parser; Debian's
+    # standalone docker-compose needs no Docker engine for `config`.
+    command -v docker-compose >/dev/null && return
+    docker compose version >/dev/null 2>&1 && return
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "test.sh: installing docker-compose with apt-get" >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; } >&2 \
+            || echo "test.sh: could not install docker-compose: its check will skip" >&2
+    fi
+}
+
 .venv/bin/ruff check merge_engine app worker migrations tests bench
 ensure_chromium
+ensure_compose
 if [ -n "${SDMERGE_TEST_POSTGRES_URL:-}" ] && [ -n "${SDMERGE_TEST_REDIS_URL:-}" ]; then
     exec .venv/bin/python -m pytest "$@"
 fi
