@@ -22,8 +22,18 @@ from app.settings import Settings
 BEAT_SECONDS = 5.0
 ALIVE_SECONDS = 6 * BEAT_SECONDS  # a worker not heard of for this long is reported stale
 FORGET_SECONDS = 24 * 3600  # a stale file this old is removed by the next reader
-# What this process runs now, for its presence file: {"kind", "id"} or empty (set by the lease runner).
+# What this process runs now, for its presence file: {"kind", "id"} or empty (set by the lease runner
+# through `now_running`, which also wakes the beat, so the file says so at once, not up to 5 s later).
 running: dict[str, Any] = {}
+_changed = threading.Event()
+
+
+def now_running(kind: str | None = None, row_id: int | None = None) -> None:
+    """This process starts (or, without arguments, ends) a run: its next beat is now."""
+    running.clear()
+    if kind is not None:
+        running.update(kind=kind, id=row_id)
+    _changed.set()
 
 
 def workers_dir(settings: Settings) -> Path:
@@ -52,6 +62,7 @@ class Presence:
 
     def stop(self) -> None:
         self._stop.set()
+        _changed.set()
         self._thread.join()
         self.path.unlink(missing_ok=True)
 
@@ -62,7 +73,11 @@ class Presence:
         os.replace(staging, self.path)  # a reader never sees half a file
 
     def _run(self) -> None:
-        while not self._stop.wait(BEAT_SECONDS):
+        while not self._stop.is_set():
+            _changed.wait(BEAT_SECONDS)
+            _changed.clear()
+            if self._stop.is_set():
+                break
             with contextlib.suppress(OSError):  # a full or briefly unreachable volume: beat next time
                 self.beat()
 

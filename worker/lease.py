@@ -74,12 +74,12 @@ def run_claimed(runtime: Runtime, table: type[Leased], row_id: int, owner: str, 
                 describe: Callable[[Any], dict] | None = None) -> str | None:
     """Run `work` for a row whose lease `owner` holds, and record the outcome while it still does.
     Domain errors fail the row with their message; a cancel ends it `cancelled`."""
-    presence.running.update(kind=table.kind, id=row_id)
+    presence.now_running(table.kind, row_id)
     try:
         with working_on(kind=table.kind, job_id=row_id):
             return _run_claimed(runtime, table, row_id, owner, work, describe)
     finally:
-        presence.running.clear()
+        presence.now_running()
 
 
 def _run_claimed(runtime: Runtime, table: type[Leased], row_id: int, owner: str, work: Work,
