@@ -9,7 +9,7 @@ from typing import Any
 from celery import shared_task
 
 from app.models import Model
-from app.queue import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK
+from app.queue import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK, SHARD_TASK
 from app.runtime import Runtime, make_runtime
 from app.settings import get_settings
 from worker.analyses import run_analysis
@@ -17,6 +17,7 @@ from worker.hashing import hash_model
 from worker.jobs import run_merge_job
 from worker.lease import Vouch
 from worker.previews import run_preview
+from worker.shards import run_merge_shard
 
 
 def run_hash(runtime: Runtime, model_id: int) -> None:
@@ -31,6 +32,7 @@ HANDLERS: dict[str, Callable[[Runtime, int], Any]] = {
     HASH_TASK: run_hash,
     ANALYSIS_TASK: run_analysis,
     PREVIEW_TASK: run_preview,
+    SHARD_TASK: run_merge_shard,
 }
 
 
@@ -57,3 +59,8 @@ def analysis_task(analysis_id: int) -> None:
 @shared_task(name=PREVIEW_TASK)
 def preview_task(preview_id: int) -> None:
     run_preview(worker_runtime(), preview_id)
+
+
+@shared_task(name=SHARD_TASK)
+def merge_shard_task(shard_id: int) -> None:
+    run_merge_shard(worker_runtime(), shard_id)
