@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import re
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import create_engine, select
+from sqlalchemy.pool import NullPool
 
 from app.db import normalize_url
 from app.models import MergeShard
@@ -37,14 +39,15 @@ def artifact_bytes(settings, job: dict) -> bytes:
     return (settings.artifact_dir / sha256[:2] / f"{sha256}.safetensors").read_bytes()
 
 
-def shard_rows(database_url: str, job_id: int) -> list[MergeShard]:
-    engine = create_engine(normalize_url(database_url))
-    try:
-        with engine.connect() as connection:
-            return list(connection.execute(select(MergeShard.__table__).where(MergeShard.job_id == job_id)
-                                           .order_by(MergeShard.index)))
-    finally:
-        engine.dispose()
+ENGINES: dict[str, object] = {}
+
+
+def shard_rows(database_url: str, job_id: int) -> list:
+    if database_url not in ENGINES:
+        ENGINES[database_url] = create_engine(normalize_url(database_url), poolclass=NullPool)
+    with ENGINES[database_url].connect() as connection:
+        return list(connection.execute(select(MergeShard.__table__).where(MergeShard.job_id == job_id)
+                                       .order_by(MergeShard.index)))
 
 
 def test_shards_give_the_same_artifact_as_one_task(client, run_tasks, two_models, settings):
@@ -106,7 +109,7 @@ def test_a_worker_killed_mid_shard_loses_nothing(three_workers, tmp_path):
 
     def shard_holder():
         """A worker that is writing a shard and is not the job's coordinator."""
-        running = [r for r in shard_rows(database, sharded["id"]) if r.status == "running" and r.progress]
+        running = [r for r in shard_rows(database, sharded["id"]) if r.status == "running"]
         for row in running:
             for worker in workers:
                 log = worker.output()
@@ -131,3 +134,46 @@ def test_a_worker_killed_mid_shard_loses_nothing(three_workers, tmp_path):
     assert got[8 + int.from_bytes(got[:8], "little"):] == expected[header:]  # every tensor byte
     wait_for(lambda: not list((tmp_path / "data" / "tmp").iterdir()), 10, "the shared partial to go")
     assert re.search(rf"shard {row.id}: claimed", victim.output())
+
+
+def succeeded(workers, kind: str) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for worker in workers:
+        for row_id in re.findall(rf"{kind} (\d+): succeeded", worker.output()):
+            counts[int(row_id)] = counts.get(int(row_id), 0) + 1
+    return counts
+
+
+def test_merges_some_sharded_previews_and_analyses_each_complete_once(three_workers, tmp_path):
+    """The scale-out topology: 20 merges (every fourth in 3 shards), 4 previews and 2 analyses
+    submitted at once to three workers: each completes exactly once."""
+    client, _server, workers, database = three_workers
+    a, b = register(client, ["sd2-1.safetensors", "sd2-2.safetensors"])
+    recipes = [{"merge": {"method": "weighted", "models": [{"model": a, "weight": i + 1}, {"model": b, "weight": 20 - i}]},
+                **({"shards": 3} if i % 4 == 0 else {})} for i in range(20)]
+    previews = [{"targets": [a], "prompts": [f"a cube {i}"], "seeds": [i], "steps": 2, "width": 64, "height": 64}
+                for i in range(4)]
+    analyses = [{"models": [a, b], "components": ["text_encoder"], "metrics": ["l2"]},
+                {"models": [a, b], "components": ["vae"], "metrics": ["cosine"]}]
+    with ThreadPoolExecutor(8) as pool:
+        merges = list(pool.map(lambda r: client.post("/merges", json=r), recipes))
+        shown = list(pool.map(lambda r: client.post("/previews", json=r), previews))
+        studied = list(pool.map(lambda r: client.post("/analyses", json=r), analyses))
+    for answer in (*merges, *shown, *studied):
+        assert answer.status_code == 202, answer.text
+    jobs = [wait_job(client, m.json()["id"], timeout=240) for m in merges]
+    assert {j["status"] for j in jobs} == {"succeeded"}, [j for j in jobs if j["status"] != "succeeded"]
+    assert [j["shards"] for j in jobs] == [3 if i % 4 == 0 else None for i in range(20)]
+    for path, answers in (("previews", shown), ("analyses", studied)):
+        for answer in answers:
+            done = wait_for(lambda a=answer, path=path: (r := client.get(f"/{path}/{a.json()['id']}").json())["status"]
+                            in ("succeeded", "failed") and r, 240, f"{path} to finish")
+            assert done["status"] == "succeeded", done
+    assert succeeded(workers, "job") == {j["id"]: 1 for j in jobs}
+    assert succeeded(workers, "preview") == {p.json()["id"]: 1 for p in shown}
+    assert succeeded(workers, "analysis") == {s.json()["id"]: 1 for s in studied}
+    shard_ids = [r.id for j in jobs if j["shards"] for r in shard_rows(database, j["id"])]
+    assert len(shard_ids) == 15 and succeeded(workers, "shard") == dict.fromkeys(shard_ids, 1)
+    assert all(succeeded([w], "shard") or succeeded([w], "job") for w in workers), "every worker took work"
+    assert len(list((tmp_path / "data" / "artifacts").rglob("*.safetensors"))) == 20
+    wait_for(lambda: not list((tmp_path / "data" / "tmp").iterdir()), 10, "tmp to be empty")
