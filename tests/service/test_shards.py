@@ -10,6 +10,7 @@ again elsewhere and the job completes once with the same bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -177,3 +178,25 @@ def test_merges_some_sharded_previews_and_analyses_each_complete_once(three_work
     assert all(succeeded([w], "shard") or succeeded([w], "job") for w in workers), "every worker took work"
     assert len(list((tmp_path / "data" / "artifacts").rglob("*.safetensors"))) == 20
     wait_for(lambda: not list((tmp_path / "data" / "tmp").iterdir()), 10, "tmp to be empty")
+
+
+def test_a_shard_that_finds_bad_input_fails_the_job_with_its_error(client, run_tasks, ready_model, model_root,
+                                                                    settings):
+    from merge_engine.synthetic import tiny_state_dict, write_checkpoint
+
+    state = tiny_state_dict("sd2", seed=7)
+    state["model.diffusion_model.out.2.bias"][0] = float("nan")
+    write_checkpoint(model_root / "nan.safetensors", state)
+    ready_model("nan.safetensors", "nan")
+    ready_model("sd2-1.safetensors", "a")
+    job = client.post("/merges", json={"merge": {"method": "uniform", "models": ["a", "nan"]}, "shards": 3}).json()
+    run_tasks()
+    failed = client.get(f"/merges/{job['id']}").json()
+    assert failed["status"] == "failed", failed
+    assert failed["error"]["code"] == "non_finite" and failed["shards"] == 3
+    assert "model.diffusion_model.out.2.bias" in json.dumps(failed["error"])
+    rows = shard_rows(settings.database_url, job["id"])
+    bad = [r.index for r in rows if r.status == "failed"]
+    assert bad == [failed["error"]["details"]["shard"]], (bad, failed["error"])
+    assert {r.status for r in rows if r.index not in bad} <= {"succeeded", "cancelled"}
+    assert not list(settings.tmp_dir.iterdir()) and not list(settings.artifact_dir.rglob("*.safetensors"))
