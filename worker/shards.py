@@ -25,6 +25,7 @@ from app.models import Job, MergeShard, utcnow
 from app.queue import SHARD_TASK
 from app.runtime import Runtime
 from app.services.files import shared_partial_path
+from app.services.merges import cancel_shards
 from merge_engine.errors import MergeCancelled, SdmergeError
 from merge_engine.execute import ExecOptions, MergeResult
 from merge_engine.plan import Plan, plan
@@ -112,7 +113,8 @@ def run_sharded(runtime: Runtime, job_id: int, heartbeat: Heartbeat, planned: Pl
         return result
     finally:
         if not finished and not heartbeat.lost:
-            _cancel_shards(runtime, job_id)
+            with runtime.sessions.begin() as session:
+                cancel_shards(session, job_id)
             partial.unlink(missing_ok=True)
 
 
@@ -161,19 +163,6 @@ def _run_until_done(runtime: Runtime, job_id: int, heartbeat: Heartbeat) -> list
         free = [r for r in rows if r.status == "queued" or (r.status == "running" and r.lease_expires_at < now)]
         if not free or run_merge_shard(runtime, free[0].id) is None:
             time.sleep(POLL_SECONDS)
-
-
-def _cancel_shards(runtime: Runtime, job_id: int) -> None:
-    """Queued shards end cancelled; running ones are told to stop (their next heartbeat)."""
-    cancel_shards(runtime.sessions, job_id)
-
-
-def cancel_shards(sessions, job_id: int) -> None:
-    with sessions.begin() as session:
-        session.execute(update(MergeShard).where(MergeShard.job_id == job_id, MergeShard.status == "queued")
-                        .values(status="cancelled", cancel_requested=True, finished_at=utcnow()))
-        session.execute(update(MergeShard).where(MergeShard.job_id == job_id, MergeShard.status == "running")
-                        .values(cancel_requested=True))
 
 
 @dataclass

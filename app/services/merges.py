@@ -206,8 +206,13 @@ def cancel(session: Session, job_id: int) -> Job:
     """See `leased.cancel`; a cancelled job stops deduplicating its recipe, and its shards
     stop too (queued ones at once, running ones at their next heartbeat)."""
     job = leased.cancel(session, Job, job_id)
+    cancel_shards(session, job_id)
+    return job
+
+
+def cancel_shards(session: Session, job_id: int) -> None:
+    """A sharded job's queued shards end cancelled; running ones stop at their next heartbeat."""
     session.execute(update(MergeShard).where(MergeShard.job_id == job_id, MergeShard.status == "queued")
                     .values(status="cancelled", cancel_requested=True, finished_at=utcnow()))
     session.execute(update(MergeShard).where(MergeShard.job_id == job_id, MergeShard.status == "running")
                     .values(cancel_requested=True))
-    return job
