@@ -200,3 +200,36 @@ def test_a_shard_that_finds_bad_input_fails_the_job_with_its_error(client, run_t
     assert bad == [failed["error"]["details"]["shard"]], (bad, failed["error"])
     assert {r.status for r in rows if r.index not in bad} <= {"succeeded", "cancelled"}
     assert not list(settings.tmp_dir.iterdir()) and not list(settings.artifact_dir.rglob("*.safetensors"))
+
+
+def test_a_coordinator_killed_mid_job_is_taken_over_with_its_shards(three_workers, tmp_path):
+    """The worker coordinating a sharded job dies: the job's lease lapses, it is sent again, and
+    the next attempt goes on with the same shards and shared file; the job completes once."""
+    client, _server, workers, database = three_workers
+    register(client, SLOW_RECIPE["merge"]["models"])
+    job = client.post("/merges", json={**SLOW_RECIPE, "shards": 3}).json()
+
+    def coordinator():
+        rows = shard_rows(database, job["id"])
+        if not rows or all(r.status == "succeeded" for r in rows):
+            return None
+        return next((w for w in workers if f"job {job['id']}: split into 3 shards" in w.output()), None)
+
+    victim = wait_for(coordinator, 120, "a worker to be coordinating the job", interval=0.01)
+    victim.popen.send_signal(signal.SIGKILL)
+    victim.popen.wait()
+    done = wait_job(client, job["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2 and done["shards"] == 3
+    survivors = [w for w in workers if w is not victim]
+    assert sum(w.output().count(f"job {job['id']}: going on with its 3 shards") for w in survivors) == 1
+    assert sum(w.output().count(f"job {job['id']}: succeeded") for w in survivors) == 1
+    assert all(r.status == "succeeded" for r in shard_rows(database, job["id"]))
+    one = client.post("/merges", json={**SLOW_RECIPE, "name": "one", "shards": 1}).json()
+    one = wait_job(client, one["id"])
+    stored = {a["sha256"]: tmp_path / "data" / "artifacts" / a["sha256"][:2] / f"{a['sha256']}.safetensors"
+              for a in (done["artifact"], one["artifact"])}
+    sharded, whole = (stored[a["sha256"]].read_bytes() for a in (done["artifact"], one["artifact"]))
+    data = lambda b: b[8 + int.from_bytes(b[:8], "little"):]  # noqa: E731 - every tensor byte, after the header
+    assert data(sharded) == data(whole)
+    wait_for(lambda: not list((tmp_path / "data" / "tmp").iterdir()), 10, "the shared partial to go")
