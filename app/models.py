@@ -141,10 +141,34 @@ class Job(Leased, Base):
     output_size: Mapped[int | None] = mapped_column(BigInteger)
     artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
     artifact: Mapped[Artifact | None] = relationship(lazy="joined")
+    # Shards the merge is split into (`MergeShard`): asked for at submit, or the count it runs
+    # in once planned; NULL: from the settings (a small merge stays one task).
+    shards: Mapped[int | None] = mapped_column(Integer)
 
     @classmethod
     def end_values(cls, status: str) -> dict[str, Any]:
         return {} if status == "succeeded" else {"live_recipe_hash": None}
+
+
+class MergeShard(Leased, Base):
+    """One shard of a sharded merge job: output keys [first_key, stop_key), which fill bytes
+    [start, end) of the job's shared partial file (merge_engine/shards.py). Leased like a job,
+    so a lost worker's shard is re-run; `sha256` is its range's digest, which the job's final
+    step checks."""
+
+    __tablename__ = "merge_shards"
+    __table_args__ = (UniqueConstraint("job_id", "index"),)
+    kind = "shard"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    first_key: Mapped[int] = mapped_column(Integer)
+    stop_key: Mapped[int] = mapped_column(Integer)
+    start: Mapped[int] = mapped_column(BigInteger)
+    end: Mapped[int] = mapped_column(BigInteger)
+    bytes_to_read: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class Analysis(Leased, Base):

@@ -13,9 +13,11 @@ MERGE_TASK = "sdmerge.merge"
 HASH_TASK = "sdmerge.hash_model"
 ANALYSIS_TASK = "sdmerge.analysis"
 PREVIEW_TASK = "sdmerge.preview"
+SHARD_TASK = "sdmerge.merge_shard"  # one shard of a sharded merge job (worker/shards.py)
 QUEUES = ("merge", "hash", "preview")
 # Analyses stream every weight like merges do, so they share the merge queue and its workers.
-TASK_QUEUE = {MERGE_TASK: "merge", HASH_TASK: "hash", ANALYSIS_TASK: "merge", PREVIEW_TASK: "preview"}
+TASK_QUEUE = {MERGE_TASK: "merge", HASH_TASK: "hash", ANALYSIS_TASK: "merge", PREVIEW_TASK: "preview",
+              SHARD_TASK: "merge"}
 # Longer than the longest merge: Redis hands an unacknowledged message to another worker only
 # after this long. A crashed worker's job is picked up much sooner through its lapsed lease.
 VISIBILITY_TIMEOUT = 12 * 3600

@@ -210,6 +210,8 @@ class JobOut(LeasedOut):
     recipe_hash: str
     architecture: str | None
     output_size: int | None
+    shards: int | None = Field(description="the shards the merge runs in across workers (asked for with "
+                                           "`\"shards\": k` in the body, or from the settings); null: one task")
     artifact: ArtifactOut | None
 
 

@@ -17,6 +17,9 @@ DEFAULT_LEASE_SECONDS = 60
 DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024**3
 DEFAULT_MAX_JSON_BYTES = 8 * 1024**2  # a recipe of 1,000 models with long names is under 200 KB
 DEFAULT_MIN_FREE_BYTES = 1024**3
+# A merge reading more than this is split into shards that any workers run (one per this much
+# reading): 8 GiB is about four SDXL fp16 inputs, a minute or two of reading on one disk.
+DEFAULT_SHARD_BYTES = 8 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Settings:
     preview_device: str = "auto"
     db_pool_size: int = 10
     log_format: str = "text"  # or "json": one object a line, the job id on each (app/logs.py)
+    merge_shards: int = 0  # shards per merge; 0: one per `shard_bytes` of input read; 1: never split
+    shard_bytes: int = DEFAULT_SHARD_BYTES
 
     @property
     def embedded(self) -> bool:
@@ -91,6 +96,8 @@ def settings_from_env(env: dict[str, str] | os._Environ = os.environ) -> Setting
         preview_device=env.get("SDMERGE_PREVIEW_DEVICE") or "auto",
         db_pool_size=int(env.get("SDMERGE_DB_POOL_SIZE", 10)),
         log_format=(env.get("SDMERGE_LOG_FORMAT") or "text").lower(),
+        merge_shards=int(env.get("SDMERGE_MERGE_SHARDS") or 0),
+        shard_bytes=int(env.get("SDMERGE_SHARD_BYTES") or DEFAULT_SHARD_BYTES),
     )
 
 

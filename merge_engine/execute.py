@@ -22,7 +22,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,20 +156,32 @@ def merge(
                        autov3)
 
 
-def check_inputs_unchanged(plan: Plan) -> None:
+def check_inputs_unchanged(plan: Plan, inputs: Iterable[int] | None = None) -> None:
     """The proof that the output is what its recorded input hashes say: no input was written to,
-    truncated or replaced while the pass read it (each is still the version that was hashed)."""
-    for item in plan.inputs:
-        item.checkpoint.check_unchanged()
+    truncated or replaced while the pass read it (each is still the version that was hashed).
+    `inputs`: only these (indexes into plan.inputs), e.g. those a shard read."""
+    for index in range(len(plan.inputs)) if inputs is None else inputs:
+        plan.inputs[index].checkpoint.check_unchanged()
+
+
+def inputs_of(keys: Iterable[KeyPlan]) -> list[int]:
+    """The inputs (indexes into plan.inputs) that these keys read, in order."""
+    return sorted({term.input for key in keys for term in key.terms})
+
+
+def bytes_to_read(plan: Plan, keys: Iterable[KeyPlan]) -> int:
+    """What producing these keys reads from the inputs (Plan.bytes_to_read for all of them)."""
+    return sum(plan.inputs[t.input].checkpoint.tensors[t.key].nbytes for k in keys for t in k.terms)
 
 
 class _InputHashes:
     """sha256 of each input, computed while the merge runs from the same open files."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.plan, self.stopped = plan, threading.Event()
-        self.pool = ThreadPoolExecutor(len(plan.inputs), thread_name_prefix="verify")
-        self.pending = [self.pool.submit(self._hash, item.checkpoint) for item in plan.inputs]
+    def __init__(self, plan: Plan, inputs: Sequence[int] | None = None) -> None:
+        self.items = list(plan.inputs) if inputs is None else [plan.inputs[i] for i in inputs]
+        self.stopped = threading.Event()
+        self.pool = ThreadPoolExecutor(max(1, len(self.items)), thread_name_prefix="verify")
+        self.pending = [self.pool.submit(self._hash, item.checkpoint) for item in self.items]
 
     def _hash(self, checkpoint) -> str | None:
         if checkpoint.fileno() is not None:
@@ -183,7 +195,7 @@ class _InputHashes:
 
     def check(self) -> None:
         try:
-            for item, pending in zip(self.plan.inputs, self.pending, strict=True):
+            for item, pending in zip(self.items, self.pending, strict=True):
                 if pending.result() != item.sha256:
                     raise InputChangedError("the file's bytes no longer have its recorded sha256: it changed "
                                             "before or while it was read", model=item.name,
@@ -193,13 +205,19 @@ class _InputHashes:
 
 
 class _Run(StreamingPass):
-    """One execution: (key, chunk) items taken in output order by a few threads."""
+    """One execution: (key, chunk) items taken in output order by a few threads. `keys` limits it
+    to a run of the plan's keys (a shard, merge_engine/shards.py); by default it is all of them."""
 
     def __init__(self, plan: Plan, writer: BlockWriter, options: ExecOptions,
-                 progress: Callable[[Progress], None] | None, should_cancel: Callable[[], bool] | None):
-        super().__init__([i.checkpoint for i in plan.inputs], options.threads, len(plan.keys),
-                         plan.bytes_to_read, progress, should_cancel, "merge")
-        self.plan, self.writer, self.options = plan, writer, options
+                 progress: Callable[[Progress], None] | None, should_cancel: Callable[[], bool] | None,
+                 keys: Sequence[KeyPlan] | None = None):
+        if keys is None:
+            keys, checkpoints, bytes_total = plan.keys, [i.checkpoint for i in plan.inputs], plan.bytes_to_read
+        else:
+            checkpoints = [plan.inputs[i].checkpoint for i in inputs_of(keys)]
+            bytes_total = bytes_to_read(plan, keys)
+        super().__init__(checkpoints, options.threads, len(keys), bytes_total, progress, should_cancel, "merge")
+        self.plan, self.writer, self.options, self.keys = plan, writer, options, keys
         self.data_start = len(plan.header)
         self.fp64 = plan.recipe.output.accumulate == "fp64"
         self.check_finite = plan.recipe.output.non_finite == "error"
@@ -208,7 +226,7 @@ class _Run(StreamingPass):
         if not self.on_cpu and options.chunk_elements == CHUNK_ELEMENTS:
             self.chunk = DEVICE_CHUNK_ELEMENTS
         self.native_only = self.on_cpu and not self.fp64 and kernels.native() is not None and all(
-            key.kind == "integer" or kernels.serves(plan, key) for key in plan.keys)
+            key.kind == "integer" or kernels.serves(plan, key) for key in keys)
         self.items = self._items()
 
     def _items(self) -> Iterator[tuple[KeyPlan, int, int, bool]]:
@@ -216,7 +234,7 @@ class _Run(StreamingPass):
         writer's blocks ends there instead (where the boundary falls between two elements), so
         nearly every chunk is rounded straight into its block."""
         block = self.writer.block
-        for key in self.plan.keys:
+        for key in self.keys:
             if key.kind == "integer" or key.numel == 0 or key.expression is not None:
                 yield key, 0, key.numel, True  # a non-linear key is one item: its passes run in order
                 continue

@@ -13,6 +13,11 @@ add up to its length. At most `2 * threads + 6` blocks are held: a thread that n
 while all are taken waits for one to be written. If asked, the sha256 of the file from a given
 offset on (the whole file, or the data section after the header: labels.py) is computed from the
 blocks in file order before their buffers are reused: nothing is read back.
+
+A writer may own only a byte range [start, end) of a file that others write too (a shard of a
+merge, merge_engine/shards.py). Blocks stay aligned to the file, so a block at either edge of
+the range is shared with a neighbour: only this range's part of it is written, through a second
+descriptor without direct I/O (`edge_fd`), and the neighbour's bytes are never touched.
 """
 
 from __future__ import annotations
@@ -37,8 +42,13 @@ WRITER_THREADS = 2
 
 class BlockWriter:
     def __init__(self, fd: int, size: int, *, threads: int, hash_from: int | None, name: str,
-                 block_bytes: int = BLOCK_BYTES):
+                 block_bytes: int = BLOCK_BYTES, start: int = 0, end: int | None = None,
+                 edge_fd: int | None = None):
         self.fd, self.size, self.block, self.name = fd, size, block_bytes, name
+        self.start, self.end = start, size if end is None else end
+        if not 0 <= self.start <= self.end <= size:
+            raise ValueError(f"range [{start}, {end}) is not inside a file of {size} bytes")
+        self.edge_fd = fd if edge_fd is None else edge_fd  # a descriptor without O_DIRECT, for edge blocks
         self.direct = _set_direct(fd, True)
         self.changed = threading.Condition()
         self.open: dict[int, list] = {}  # block index -> [buffer, bytes filled]
@@ -50,7 +60,7 @@ class BlockWriter:
         self.digest = hashlib.sha256() if hash_from is not None else None
         self.hash_from = hash_from or 0
         self.to_hash: dict[int, HostBuffer] = {}
-        self.next_to_hash = 0
+        self.next_to_hash = self.start // self.block
         self.writers = [threading.Thread(target=self._write_blocks, daemon=True) for _ in range(WRITER_THREADS)]
         for writer in self.writers:
             writer.start()
@@ -60,7 +70,7 @@ class BlockWriter:
         None where the range crosses a block boundary or is not aligned (then use `put`).
         Call `commit` once they are written."""
         index, within = divmod(offset, self.block)
-        if within + nbytes > self._length(index) or within % alignment:
+        if within + nbytes > self._span(index)[1] or within % alignment:
             return None
         return self._buffer(index).view[within:within + nbytes]
 
@@ -86,7 +96,7 @@ class BlockWriter:
             raise self.error
         if self.open:
             raise RuntimeError(f"output blocks {sorted(self.open)} were never completed")  # a bug, not bad input
-        if self.direct and self.size % ALIGN:
+        if self.direct and self.size % ALIGN and self.end == self.size and self.start < self.end:
             os.ftruncate(self.fd, self.size)  # the last block was written padded to the alignment
         self._release_maps()
         return self.digest.hexdigest() if self.digest is not None else None
@@ -99,8 +109,14 @@ class BlockWriter:
         self._stop_writers()
         self._release_maps()
 
+    def _span(self, index: int) -> tuple[int, int]:
+        """The part of block `index` this writer owns: [lo, hi) within the block."""
+        base = index * self.block
+        return max(self.start - base, 0), min(self.block, self.end - base)
+
     def _length(self, index: int) -> int:
-        return min(self.block, self.size - index * self.block)
+        lo, hi = self._span(index)
+        return hi - lo
 
     def _buffer(self, index: int) -> HostBuffer:
         with self.changed:
@@ -109,7 +125,9 @@ class BlockWriter:
                     raise self.error
                 if index in self.open:
                     return self.open[index][0]
-                if self.free or len(self.maps) < self.limit:
+                # The block the sha256 waits for always gets a buffer: every other buffer may be
+                # held by later blocks, written and waiting to be hashed after this one.
+                if self.free or len(self.maps) < self.limit or (self.digest is not None and index == self.next_to_hash):
                     break
                 self.changed.wait()
             buffer = self.free.pop() if self.free else self._allocate()
@@ -144,7 +162,11 @@ class BlockWriter:
     def _write(self, index: int, buffer: HostBuffer) -> None:
         if self.error is not None:
             return
-        length, offset = self._length(index), index * self.block
+        lo, hi = self._span(index)
+        if lo or (hi < self.block and index * self.block + hi < self.size):
+            self._write_edge(index * self.block + lo, buffer.view[lo:hi])
+            return
+        length, offset = hi, index * self.block
         if self.direct:
             length += -length % ALIGN
         view = buffer.view[:length]
@@ -162,6 +184,12 @@ class BlockWriter:
         if not self.direct:
             start_writeback(self.fd)
 
+    def _write_edge(self, offset: int, view: memoryview) -> None:
+        """A block shared with a neighbouring range: only our bytes, through the page cache."""
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.edge_fd, view[done:], offset + done)
+
     def _written(self, index: int, buffer: HostBuffer) -> None:
         if self.digest is None or self.error is not None:
             self._recycle(buffer)
@@ -176,9 +204,10 @@ class BlockWriter:
                 buffer = self.to_hash.pop(self.next_to_hash, None)
                 if buffer is None:
                     return
-                start, length = self.next_to_hash * self.block, self._length(self.next_to_hash)
-            if start + length > self.hash_from:
-                self.digest.update(buffer.view[max(0, self.hash_from - start):length])
+                lo, hi = self._span(self.next_to_hash)
+                lo = max(lo, self.hash_from - self.next_to_hash * self.block)
+            if hi > lo:
+                self.digest.update(buffer.view[lo:hi])
             with self.changed:
                 self.next_to_hash += 1
             self._recycle(buffer)

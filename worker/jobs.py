@@ -18,11 +18,11 @@ from app.models import Artifact, Job, Model
 from app.runtime import Runtime
 from app.services.files import artifact_path, job_output_path
 from merge_engine.errors import InputChangedError, ResolveError
-from merge_engine.execute import ExecOptions, merge
+from merge_engine.execute import merge
 from merge_engine.lineage import recorded_lineage
 from merge_engine.plan import ResolvedModel, plan
 from merge_engine.recipe import ModelLeaf, parse_recipe
-from worker import lease
+from worker import lease, shards
 from worker.hashing import rehash_if_changed
 from worker.lease import Heartbeat, Outcome
 
@@ -30,19 +30,25 @@ from worker.lease import Heartbeat, Outcome
 def run_merge_job(runtime: Runtime, job_id: int, owner: str | None = None) -> str | None:
     """Run the job if it can be claimed (or under `owner`'s lease, already claimed); returns its
     final status, or None if it was not ours."""
-    return lease.run_leased(runtime, Job, job_id, lambda heartbeat: _merge(runtime, job_id, heartbeat), owner=owner)
+    return lease.run_leased(runtime, Job, job_id, lambda heartbeat: _merge(runtime, job_id, heartbeat),
+                            shards.describe, owner=owner)
 
 
 def _merge(runtime: Runtime, job_id: int, heartbeat: Heartbeat) -> Outcome:
     settings = runtime.settings
     output = job_output_path(settings, job_id, heartbeat.owner)
-    options = ExecOptions(settings.merge_threads, settings.merge_device, verify_inputs=settings.verify_inputs)
+    options = shards.options_for(runtime)
+    recipe, requested = _load_recipe(runtime, job_id)
     try:
         with rehash_if_changed(runtime.sessions):  # this attempt fails; the file's hashes are stale
-            planned = plan(_load_recipe(runtime, job_id), registry_resolver(runtime))
+            planned = plan(recipe, registry_resolver(runtime))
             try:
-                result = merge(planned, output, options=options, progress=heartbeat.record,
-                               should_cancel=heartbeat.should_stop, tmp_dir=settings.tmp_dir, compute_sha256=True)
+                if (count := shards.count_for(runtime, planned, requested)) > 1:
+                    result = shards.run_sharded(runtime, job_id, heartbeat, planned, count, output)
+                else:
+                    result = merge(planned, output, options=options, progress=heartbeat.record,
+                                   should_cancel=heartbeat.should_stop, tmp_dir=settings.tmp_dir,
+                                   compute_sha256=True)
             finally:
                 planned.close()
         stored = artifact_path(settings, result.sha256)
@@ -76,8 +82,10 @@ def _store_artifact(session: Session, sha256: str, size: int, filename: str, met
 
 
 def _load_recipe(runtime: Runtime, job_id: int):
+    """The job's recipe and the shard count it asked for (None: from the settings)."""
     with runtime.sessions() as session:
-        return parse_recipe(session.get(Job, job_id).recipe)
+        job = session.get(Job, job_id)
+        return parse_recipe(job.recipe), job.shards
 
 
 def registry_resolver(runtime: Runtime):

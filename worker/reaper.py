@@ -23,10 +23,10 @@ from sqlalchemy.orm import Session
 
 from app.broker import recover, waiting
 from app.dispatch import enqueue
-from app.models import Analysis, Job, Leased, Model, Preview, utcnow
-from app.queue import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK, QUEUES
+from app.models import Analysis, Job, Leased, MergeShard, Model, Preview, utcnow
+from app.queue import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK, QUEUES, SHARD_TASK
 from app.runtime import Runtime
-from app.services.files import clean_partials
+from app.services.files import clean_partials, shared_partial_token
 
 log = logging.getLogger(__name__)
 # A queued row or hashing model not claimed this many lease lengths after it was sent is looked
@@ -34,12 +34,14 @@ log = logging.getLogger(__name__)
 RESEND_AFTER_LEASES = 1
 # ... and while the broker cannot be looked into, after this many, message or not.
 BLIND_RESEND_AFTER_LEASES = 10
-LEASED_TASKS: dict[type[Leased], str] = {Job: MERGE_TASK, Analysis: ANALYSIS_TASK, Preview: PREVIEW_TASK}
+LEASED_TASKS: dict[type[Leased], str] = {Job: MERGE_TASK, Analysis: ANALYSIS_TASK, Preview: PREVIEW_TASK,
+                                          MergeShard: SHARD_TASK}
 
 
 def reap(runtime: Runtime) -> dict[str, list[int]]:
     """One pass. The report's keys are `cancelled`, `requeued`, `resent` for merge jobs, the
-    same prefixed by `analysis_` and `preview_` for those tables, and `rehash` for models."""
+    same prefixed by `analysis_`, `preview_` and `shard_` for those tables (a shard of a sharded
+    merge is re-run like a job), and `rehash` for models."""
     now = utcnow()
     waiting = _waiting(runtime)
     leases = RESEND_AFTER_LEASES if waiting is not None else BLIND_RESEND_AFTER_LEASES
@@ -111,6 +113,10 @@ def live_leases(runtime: Runtime) -> set[tuple[str, int, str]]:
             rows = session.execute(select(table.id, table.lease_owner).where(
                 table.status == "running", table.lease_expires_at >= utcnow()))
             leases |= {(table.kind, row_id, owner) for row_id, owner in rows}
+        # A sharded job's shared file lives as long as the job, whoever holds its lease.
+        rows = session.execute(select(Job.id, Job.recipe_hash).where(
+            Job.status.in_(("queued", "running")), Job.shards.is_not(None)))
+        leases |= {("shards", job_id, shared_partial_token(recipe_hash)) for job_id, recipe_hash in rows}
     return leases
 
 

@@ -10,7 +10,7 @@ from celery import shared_task
 
 from app.logs import working_on
 from app.models import Model
-from app.queue import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK
+from app.queue import ANALYSIS_TASK, HASH_TASK, MERGE_TASK, PREVIEW_TASK, SHARD_TASK
 from app.runtime import Runtime, make_runtime
 from app.settings import get_settings
 from worker.analyses import run_analysis
@@ -18,6 +18,7 @@ from worker.hashing import hash_model
 from worker.jobs import run_merge_job
 from worker.lease import Vouch
 from worker.previews import run_preview
+from worker.shards import run_merge_shard
 
 
 def run_hash(runtime: Runtime, model_id: int) -> None:
@@ -32,6 +33,7 @@ HANDLERS: dict[str, Callable[[Runtime, int], Any]] = {
     HASH_TASK: run_hash,
     ANALYSIS_TASK: run_analysis,
     PREVIEW_TASK: run_preview,
+    SHARD_TASK: run_merge_shard,
 }
 
 
@@ -62,3 +64,9 @@ def analysis_task(self, analysis_id: int) -> None:
 def preview_task(self, preview_id: int) -> None:
     with working_on(task_id=self.request.id):
         run_preview(worker_runtime(), preview_id)
+
+
+@shared_task(bind=True, name=SHARD_TASK)
+def merge_shard_task(self, shard_id: int) -> None:
+    with working_on(task_id=self.request.id):
+        run_merge_shard(worker_runtime(), shard_id)

@@ -18,8 +18,9 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._\- ]{1,255}")
 # A safetensors file begins with its header length and then `{`; torch pickles are zip files.
 ZIP_MAGIC = b"PK\x03\x04"
 UPLOAD_PARTIAL_GRACE_SECONDS = 600
-# A leased attempt's partial file or folder in tmp/: <kind>-<id>-<lease owner>.…partial
-PARTIAL_NAME = re.compile(r"(job|analysis|preview)-(\d+)-([0-9a-f]+)\.")
+# A leased attempt's partial file or folder in tmp/: <kind>-<id>-<lease owner>.…partial; a
+# sharded job's shared file: shards-<job id>-<recipe hash prefix>.partial, kept while the job lives.
+PARTIAL_NAME = re.compile(r"(job|analysis|preview|shards)-(\d+)-([0-9a-f]+)\.")
 RESULT_FOLDERS = {"analysis": "analyses", "preview": "previews"}  # under artifacts/
 
 
@@ -77,6 +78,16 @@ def job_output_path(settings: Settings, job_id: int, owner: str) -> Path:
     return settings.tmp_dir / f"job-{job_id}-{owner}.safetensors.partial"
 
 
+def shared_partial_path(settings: Settings, job_id: int, recipe_hash: str) -> Path:
+    """The one file every shard of a sharded job writes into (merge_engine/shards.py): it
+    outlives the attempts of any one worker, so it is named by the job, not by a lease."""
+    return settings.tmp_dir / f"shards-{job_id}-{shared_partial_token(recipe_hash)}.partial"
+
+
+def shared_partial_token(recipe_hash: str) -> str:
+    return recipe_hash[:16]
+
+
 def staging_dir(settings: Settings, kind: str, row_id: int, owner: str) -> Path:
     """A folder one attempt of an analysis or preview writes into: unique per lease."""
     return settings.tmp_dir / f"{kind}-{row_id}-{owner}.partial"
@@ -100,7 +111,8 @@ def publish_dir(staged: Path, target: Path) -> None:
 
 def clean_partials(settings: Settings, live_leases: set[tuple[str, int, str]]) -> list[Path]:
     """Remove leftovers of crashed attempts and uploads; keep those of leases still running
-    (`live_leases` holds (kind, id, owner): kind `job`, `analysis` or `preview`)."""
+    (`live_leases` holds (kind, id, owner): kind `job`, `analysis` or `preview`, or `shards`
+    with the job's token for the shared file of a sharded job still queued or running)."""
     removed = []
     now = time.time()
     for entry in settings.tmp_dir.glob("*.partial"):

@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.dispatch import enqueue
 from app.errors import NotFound
-from app.models import Artifact, Job, Model, utcnow
+from app.models import Artifact, Job, MergeShard, Model, utcnow
 from app.queue import MERGE_TASK
 from app.schemas import ArtifactOut, JobOut
 from app.services import leased, registry
@@ -40,6 +40,7 @@ def recipe_from_body(body: Any) -> Recipe:
     prefixes to models."""
     if not isinstance(body, Mapping):
         raise RecipeError("the body must be a JSON object: a recipe or A1111 merge metadata")
+    body = {k: v for k, v in body.items() if k != "shards"}
     overrides = body.get("resolve") if isinstance(body.get("resolve"), Mapping) else None
     data = {k: v for k, v in body.items() if k != "resolve"} if overrides is not None else body
     if (imported := import_data(data)) is not None:
@@ -132,9 +133,24 @@ def dry_run(session: Session, body: Any) -> dict[str, Any]:
         planned.close()
 
 
+MAX_SHARDS = 1024
+
+
+def requested_shards(body: Any) -> int | None:
+    """The body's optional `"shards": k`: split this merge into k shards across workers (1: one
+    task); the same recipe's bytes whatever k."""
+    value = body.get("shards") if isinstance(body, Mapping) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SHARDS:
+        raise RecipeError(f"shards must be a whole number from 1 to {MAX_SHARDS}", details={"shards": value})
+    return value
+
+
 def submit(session: Session, body: Any) -> tuple[Job, bool]:
     """(job, created). A recipe whose job is queued, running or succeeded answers that job;
     the unique live_recipe_hash makes that hold under concurrent identical submissions."""
+    shards = requested_shards(body)
     planned = plan_body(session, body)
     planned.close()
     existing = _live_job(session, planned.recipe_hash)
@@ -142,7 +158,7 @@ def submit(session: Session, body: Any) -> tuple[Job, bool]:
         return existing, False
     job = Job(status="queued", name=planned.recipe.name, recipe=planned.canonical_recipe.model_dump(mode="json"),
               recipe_hash=planned.recipe_hash, live_recipe_hash=planned.recipe_hash,
-              architecture=planned.architecture, output_size=planned.output_size,
+              architecture=planned.architecture, output_size=planned.output_size, shards=shards,
               cancel_requested=False, attempts=0, dispatched_at=utcnow(),
               artifact=None)  # loaded, so the job reads fine after its session closes
     try:
@@ -196,5 +212,16 @@ def list_jobs(session: Session, *, status: str | None = None, before: int | None
 
 
 def cancel(session: Session, job_id: int) -> Job:
-    """See `leased.cancel`; a cancelled job stops deduplicating its recipe."""
-    return leased.cancel(session, Job, job_id)
+    """See `leased.cancel`; a cancelled job stops deduplicating its recipe, and its shards
+    stop too (queued ones at once, running ones at their next heartbeat)."""
+    job = leased.cancel(session, Job, job_id)
+    cancel_shards(session, job_id)
+    return job
+
+
+def cancel_shards(session: Session, job_id: int) -> None:
+    """A sharded job's queued shards end cancelled; running ones stop at their next heartbeat."""
+    session.execute(update(MergeShard).where(MergeShard.job_id == job_id, MergeShard.status == "queued")
+                    .values(status="cancelled", cancel_requested=True, finished_at=utcnow()))
+    session.execute(update(MergeShard).where(MergeShard.job_id == job_id, MergeShard.status == "running")
+                    .values(cancel_requested=True))

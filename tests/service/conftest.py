@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, text
 from app.db import normalize_url
 from app.settings import settings_from_env
 
-SERVICE_TABLES = ("jobs", "artifacts", "models", "analyses", "previews", "studies", "study_rounds")
+SERVICE_TABLES = ("merge_shards", "jobs", "artifacts", "models", "analyses", "previews", "studies", "study_rounds")
 SEEDS = (1, 2, 3, 4)
 # Eight tiny SDXL inputs averaged in fp64 take a few tenths of a second: long enough to cancel
 # or kill a merge midway (the engine checks for a cancel every 0.1 s).

@@ -20,32 +20,39 @@ LEASE_SECONDS = 2
 REDIS_DB = 7
 
 
-@pytest.fixture
-def cluster(tmp_path, model_root, postgres_server_url, redis_url):
+def cluster_of(count: int, tmp_path, model_root, postgres_server_url, redis_url, **settings: str):
+    """`sdmerge serve` (API only) and `count` workers on one data dir, PostgreSQL and Redis:
+    yields (client, server, workers, database URL); everything stopped and dropped after."""
     database = create_database(postgres_server_url, "sdmerge_scale")
     broker = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
     redis.Redis.from_url(broker).flushdb()
     env = service_env(SDMERGE_DATABASE_URL=database, SDMERGE_BROKER_URL=broker,
                       SDMERGE_DATA_DIR=str(tmp_path / "data"), SDMERGE_MODEL_ROOTS=str(model_root),
                       SDMERGE_JOB_LEASE_SECONDS=str(LEASE_SECONDS), SDMERGE_MERGE_THREADS="1",
-                      SDMERGE_HASH_CACHE=str(tmp_path / "hashes.sqlite3"))
+                      SDMERGE_HASH_CACHE=str(tmp_path / "hashes.sqlite3"), **settings)
     subprocess.run([*SDMERGE, "db", "upgrade"], env=env, check=True, capture_output=True)
     port = free_port()
     processes = [Process([*SDMERGE, "serve", "--port", str(port)], env, tmp_path / "serve.log")]
     try:
-        for n in (1, 2):
+        for n in range(1, count + 1):
             processes.append(Process([*SDMERGE, "worker"], env, tmp_path / f"worker{n}.log"))
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, processes[0])
         with httpx.Client(base_url=base, timeout=60) as client:
             wait_for(lambda: client.get("/ready").status_code == 200, 30, "the API to be ready")
-            yield client, processes[0], processes[1:]
+            yield client, processes[0], processes[1:], database
     finally:
         for process in processes:
             process.stop()
         assert not processes[0].children(), "serve started a worker although a broker URL is set"
         drop_database(postgres_server_url, database)
         redis.Redis.from_url(broker).flushdb()
+
+
+@pytest.fixture
+def cluster(tmp_path, model_root, postgres_server_url, redis_url):
+    for client, server, workers, _database in cluster_of(2, tmp_path, model_root, postgres_server_url, redis_url):
+        yield client, server, workers
 
 
 def register(client, filenames: list[str]) -> list[str]:

@@ -97,6 +97,9 @@ def test_settings_from_environment(tmp_path):
     assert (settings.job_lease_seconds, settings.max_upload_bytes) == (30, 100)
     scaled = settings_from_env({"SDMERGE_BROKER_URL": "redis://h:6379/0", "SDMERGE_DATABASE_URL": "postgresql://x/y"})
     assert not scaled.embedded
+    assert (scaled.merge_shards, scaled.shard_bytes) == (0, 8 * 1024**3)  # a merge reading 8 GiB stays one task
+    sharded = settings_from_env({"SDMERGE_MERGE_SHARDS": "4", "SDMERGE_SHARD_BYTES": "1000"})
+    assert (sharded.merge_shards, sharded.shard_bytes) == (4, 1000)
 
 
 def test_ready_reports_an_unreachable_broker(tmp_path):
