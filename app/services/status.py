@@ -15,14 +15,14 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from app.broker import depth
-from app.models import Analysis, Job, Leased, Model, Preview, utcnow
+from app.models import Analysis, Job, Leased, MergeShard, Model, Preview, utcnow
 from app.presence import read_workers
 from app.queue import QUEUES
 from app.runtime import Runtime
 from app.settings import Settings
 
 # The kind of work as users name it (a merge job's table calls itself "job").
-KINDS: dict[str, type[Leased]] = {"merge": Job, "analysis": Analysis, "preview": Preview}
+KINDS: dict[str, type[Leased]] = {"merge": Job, "shard": MergeShard, "analysis": Analysis, "preview": Preview}
 KIND_OF_TABLE = {table.kind: label for label, table in KINDS.items()}
 FINISHED = ("succeeded", "failed", "cancelled")
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)

@@ -23,6 +23,7 @@ from app.db import normalize_url
 from app.models import MergeShard
 from tests.service.conftest import SLOW_RECIPE
 from tests.service.servers import wait_for, wait_job
+from tests.service.test_metrics import scrape, value
 from tests.service.test_scale_out import cluster_of, register
 
 RECIPE = {"merge": {"method": "weighted", "models": [{"model": "a", "weight": 1}, {"model": "b", "weight": 2}]},
@@ -176,8 +177,21 @@ def test_merges_some_sharded_previews_and_analyses_each_complete_once(three_work
     shard_ids = [r.id for j in jobs if j["shards"] for r in shard_rows(database, j["id"])]
     assert len(shard_ids) == 15 and succeeded(workers, "shard") == dict.fromkeys(shard_ids, 1)
     assert all(succeeded([w], "shard") or succeeded([w], "job") for w in workers), "every worker took work"
-    assert len(list((tmp_path / "data" / "artifacts").rglob("*.safetensors"))) == 20
+    artifacts = list((tmp_path / "data" / "artifacts").rglob("*.safetensors"))
+    assert len(artifacts) == 20
     wait_for(lambda: not list((tmp_path / "data" / "tmp").iterdir()), 10, "tmp to be empty")
+    # /metrics tells the same story, from the rows, the broker and the workers' beats.
+    samples = scrape(client)
+    assert {kind: value(samples, "sdmerge_jobs", kind=kind, status="succeeded")
+            for kind in ("merge", "shard", "preview", "analysis")} == {"merge": 20, "shard": 15, "preview": 4,
+                                                                     "analysis": 2}
+    assert all(value(samples, "sdmerge_jobs", kind=kind, status=state) == 0 for kind in ("merge", "preview", "analysis")
+               for state in ("queued", "running", "failed"))
+    assert value(samples, "sdmerge_workers", state="alive") == 3
+    assert all(value(samples, "sdmerge_queue_depth", queue=queue) == 0 for queue in ("merge", "hash", "preview"))
+    assert value(samples, "sdmerge_merge_written_bytes_total") == sum(path.stat().st_size for path in artifacts)
+    assert value(samples, "sdmerge_preview_images_total") == 4
+    assert value(samples, "sdmerge_job_duration_seconds_count", kind="merge", status="succeeded") == 20
 
 
 def test_a_shard_that_finds_bad_input_fails_the_job_with_its_error(client, run_tasks, ready_model, model_root,
