@@ -405,13 +405,7 @@ def _convert(args: argparse.Namespace) -> int:
         _fail_unresolved(unresolved)
     for warning in conversion.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    text = json.dumps(recipe.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
-    if args.output:
-        args.output.write_text(text, encoding="utf-8")
-        print(f"wrote {args.output}: {len(conversion.leaves)} leaves", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    return 0
+    return _write_recipe(recipe, args.output, f": {len(conversion.leaves)} leaves")
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -425,10 +419,15 @@ def _import(args: argparse.Namespace) -> int:
         recipe = imported.recipe
         for warning in imported.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+    return _write_recipe(recipe, args.output)
+
+
+def _write_recipe(recipe: Any, output: Path | None, note: str = "") -> int:
+    """A converted or imported recipe, as JSON, to `output` or standard output."""
     text = json.dumps(recipe.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
-    if args.output:
-        args.output.write_text(text, encoding="utf-8")
-        print(f"wrote {args.output}", file=sys.stderr)
+    if output:
+        output.write_text(text, encoding="utf-8")
+        print(f"wrote {output}{note}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0

@@ -123,22 +123,10 @@ def merge(
             hash_from = len(plan.header) if sealed else 0 if compute_sha256 else None
             writer = BlockWriter(fd, plan.output_size, threads=thread_count(options.threads),
                                  hash_from=hash_from, name=output.name, block_bytes=options.block_bytes)
-            verifier = _InputHashes(plan) if options.verify_inputs else None
-            try:
-                writer.put(0, plan.header)
-                _Run(plan, writer, options, progress, should_cancel).run_threads()
-                digest = writer.finish()
-                autov3 = None
-                if sealed:
-                    autov3, digest = seal(fd, plan, autov3=digest, sha256=compute_sha256)
-            except BaseException:
-                writer.abort()
-                if verifier:
-                    verifier.stop()
-                raise
-            if verifier:
-                verifier.check()
-            check_inputs_unchanged(plan)
+            digest = write_pass(plan, writer, options, progress, should_cancel, header=True)
+            autov3 = None
+            if sealed:
+                autov3, digest = seal(fd, plan, autov3=digest, sha256=compute_sha256)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -154,6 +142,29 @@ def merge(
         raise
     return MergeResult(output, plan.output_size, digest, plan.sealed_metadata(autov3), time.perf_counter() - started,
                        autov3)
+
+
+def write_pass(plan: Plan, writer: BlockWriter, options: ExecOptions, progress: Callable[[Progress], None] | None,
+               should_cancel: Callable[[], bool] | None, *, header: bool = False,
+               keys: Sequence[KeyPlan] | None = None, inputs: Sequence[int] | None = None) -> str | None:
+    """One pass of the plan's keys (or `keys`, which read `inputs`) into `writer`, the header
+    first if asked; every input read is then checked to be the version that was hashed (and its
+    bytes hashed alongside, with `verify_inputs`). Returns the writer's digest."""
+    verifier = _InputHashes(plan, inputs) if options.verify_inputs else None
+    try:
+        if header:
+            writer.put(0, plan.header)
+        _Run(plan, writer, options, progress, should_cancel, keys=keys).run_threads()
+        digest = writer.finish()
+    except BaseException:
+        writer.abort()
+        if verifier:
+            verifier.stop()
+        raise
+    if verifier:
+        verifier.check()
+    check_inputs_unchanged(plan, inputs)
+    return digest
 
 
 def check_inputs_unchanged(plan: Plan, inputs: Iterable[int] | None = None) -> None:

@@ -32,13 +32,11 @@ from .execute import (
     ExecOptions,
     MergeResult,
     _fsync_dir,
-    _InputHashes,
     _make_parents,
     _reserve,
-    _Run,
     bytes_to_read,
-    check_inputs_unchanged,
     inputs_of,
+    write_pass,
 )
 from .labels import seal
 from .output import BlockWriter
@@ -151,18 +149,7 @@ def write_shard(plan: Plan, partial_path: str | os.PathLike[str], shard: Shard, 
             writer = BlockWriter(fd, plan.output_size, threads=thread_count(options.threads), hash_from=0,
                                  name=partial.name, block_bytes=options.block_bytes, start=shard.start,
                                  end=shard.end, edge_fd=edge_fd)
-            verifier = _InputHashes(plan, used) if options.verify_inputs else None
-            try:
-                _Run(plan, writer, options, progress, should_cancel, keys=keys).run_threads()
-                digest = writer.finish()
-            except BaseException:
-                writer.abort()
-                if verifier:
-                    verifier.stop()
-                raise
-            if verifier:
-                verifier.check()
-            check_inputs_unchanged(plan, used)
+            digest = write_pass(plan, writer, options, progress, should_cancel, keys=keys, inputs=used)
             os.fsync(edge_fd)
         finally:
             os.close(edge_fd)
