@@ -32,3 +32,13 @@ def test_planning_a_merge_needs_no_torch(tmp_path):
 def test_engine_imports_no_service_code():
     modules = imported_after("import merge_engine.cli, merge_engine.execute, merge_engine.synthetic")
     assert not modules & {"fastapi", "sqlalchemy", "celery", "app", "worker", "starlette"}
+
+
+def test_test_modules_have_distinct_names():
+    """pytest imports test modules by their base name (no packages under tests/): two files of one
+    name in different folders stop the whole run at collection."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(path.name for path in Path(__file__).parent.rglob("test_*.py"))
+    assert [name for name, n in names.items() if n > 1] == []
