@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .errors import RecipeError, StorageError
@@ -149,16 +150,27 @@ def seal(fd: int, plan: Plan, *, autov3: str | None = None, sha256: bool = True)
 
 
 def _sha256_range(fd: int, start: int, stop: int) -> str:
+    """sha256 of bytes [start, stop), the next chunk read while this one is hashed (both let go
+    of the GIL): the read-back costs the slower of the disk and the digest, not their sum."""
     digest = hashlib.sha256()
-    pos = start
-    while pos < stop:
+
+    def read(pos: int) -> bytes:
         chunk = os.pread(fd, min(READ_CHUNK, stop - pos), pos)
         if not chunk:
             raise StorageError(f"the output ends at byte {pos}, before its planned {stop}")
-        digest.update(chunk)
-        if hasattr(os, "posix_fadvise"):  # a merge's output is not about to be read: leave the cache to the inputs
-            os.posix_fadvise(fd, pos, len(chunk), os.POSIX_FADV_DONTNEED)
-        pos += len(chunk)
+        return chunk
+
+    with ThreadPoolExecutor(1, thread_name_prefix="read-back") as pool:
+        pos = start
+        pending = pool.submit(read, pos) if pos < stop else None
+        while pending is not None:
+            chunk = pending.result()
+            following = pos + len(chunk)
+            pending = pool.submit(read, following) if following < stop else None
+            digest.update(chunk)
+            if hasattr(os, "posix_fadvise"):  # a merge's output is not about to be read: leave the cache to the inputs
+                os.posix_fadvise(fd, pos, len(chunk), os.POSIX_FADV_DONTNEED)
+            pos = following
     return digest.hexdigest()
 
 
