@@ -80,12 +80,11 @@ def import_file(path: str | Path, *, row: int | None = None) -> Imported:
     from . import mecha, supermerger
 
     path = Path(path)
-    raw = jsonsafe.read_file(path, "recipe file", MAX_IMPORT_BYTES, RecipeError)
-    kind = detect(path, raw)
-    if kind == "mecha":
-        return mecha.convert_mecha(_text(raw, path))
-    if kind == "supermerger-history":
-        return supermerger.convert_history(_text(raw, path), row=row)
+    # Only a text recipe is read whole: a saved model is a checkpoint of gigabytes, its header read below.
+    kind = detect(path, jsonsafe.read_file(path, "recipe file", 4096, RecipeError, prefix=True))
+    if kind is not None:
+        text = _text(jsonsafe.read_file(path, "recipe file", MAX_IMPORT_BYTES, RecipeError), path)
+        return mecha.convert_mecha(text) if kind == "mecha" else supermerger.convert_history(text, row=row)
     metadata = load_a1111_metadata(path)
     if not supermerger.is_supermerger_metadata(metadata):
         raise RecipeError(f"{path.name} is neither a .mecha recipe, a supermerger mergehistory.csv nor the "

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from ..errors import RecipeError
+from ..jsonsafe import try_loads
 from ..recipe import parse_recipe
 from . import Imported, ImportedLeaf, exact_number
 
@@ -189,12 +189,7 @@ def _short_hash(value: str, where: str) -> str:
 def _recipe_of(metadata: Mapping[str, Any]) -> Any:
     inner = metadata.get("__metadata__", metadata)
     recipe = inner.get("sd_merge_recipe") if isinstance(inner, Mapping) else None
-    if isinstance(recipe, str):
-        try:
-            recipe = json.loads(recipe)
-        except ValueError:
-            return None
-    return recipe
+    return try_loads(recipe) if isinstance(recipe, str) else recipe
 
 
 def is_supermerger_metadata(metadata: Any) -> bool:
@@ -211,11 +206,8 @@ def convert_metadata(metadata: Mapping[str, Any]) -> Imported:
         raise RecipeError("no supermerger sd_merge_recipe found")
     inner = metadata.get("__metadata__", metadata)
     models = inner.get("sd_merge_models", {})
-    if isinstance(models, str):
-        try:
-            models = json.loads(models)
-        except ValueError:
-            raise RecipeError("sd_merge_models is not JSON") from None
+    if isinstance(models, str) and (models := try_loads(models)) is None:
+        raise RecipeError("sd_merge_models is not JSON (or nests deeper than JSON recipes may)")
     models = {str(k).lower(): v for k, v in models.items()} if isinstance(models, Mapping) else {}
     inex = next((k for k in ("Off", "Include", "Exclude") if k in recipe), None)
     excluded = recipe.get(inex or "")
