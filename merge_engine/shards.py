@@ -78,7 +78,7 @@ def split(plan: Plan, count: int = 0, *, target_bytes: int = 0) -> list[Shard]:
     count = shard_count(plan, count=count, target_bytes=target_bytes)
     costs = [bytes_to_read(plan, [key]) for key in plan.keys]
     total, data_start = sum(costs), len(plan.header)
-    cuts, done, first = [0], 0, 0
+    cuts, done = [0], 0
     for index, cost in enumerate(costs):
         remaining = count - len(cuts)  # cuts still to make after this key
         if remaining <= 0:
@@ -138,12 +138,8 @@ def write_shard(plan: Plan, partial_path: str | os.PathLike[str], shard: Shard, 
     partial = Path(partial_path)
     keys = plan.keys[shard.first:shard.stop]
     used = inputs_of(keys)
+    fd = _open_partial(plan, partial, os.O_WRONLY)
     try:
-        fd = os.open(partial, os.O_WRONLY)
-    except OSError as exc:
-        raise StorageError(f"cannot open the shared partial file: {exc.strerror}", model=partial.name) from None
-    try:
-        _check_size(fd, plan, partial)
         edge_fd = os.open(partial, os.O_WRONLY)
         try:
             writer = BlockWriter(fd, plan.output_size, threads=thread_count(options.threads), hash_from=0,
@@ -180,12 +176,8 @@ def finish_sharded(plan: Plan, partial_path: str | os.PathLike[str], output_path
         raise OptionsError(f"{len(digests)} shard digests for {len(shards)} shards")
     if output.exists() and not overwrite:
         raise RecipeError(f"output {output} already exists (use overwrite)")
+    fd = _open_partial(plan, partial, os.O_RDWR)
     try:
-        fd = os.open(partial, os.O_RDWR)
-    except OSError as exc:
-        raise StorageError(f"cannot open the shared partial file: {exc.strerror}", model=partial.name) from None
-    try:
-        _check_size(fd, plan, partial)
         _pwrite_all(fd, plan.header, 0)
         ranges = [(s.start, s.end) for s in shards] if digests is not None else []
         # One read in file order: the whole file's sha256, or, where the header reserves the
@@ -209,11 +201,18 @@ def finish_sharded(plan: Plan, partial_path: str | os.PathLike[str], output_path
                        autov3)
 
 
-def _check_size(fd: int, plan: Plan, partial: Path) -> None:
+def _open_partial(plan: Plan, partial: Path, flags: int) -> int:
+    """The shared partial file, open, once it is checked to have the plan's output size."""
+    try:
+        fd = os.open(partial, flags)
+    except OSError as exc:
+        raise StorageError(f"cannot open the shared partial file: {exc.strerror}", model=partial.name) from None
     size = os.fstat(fd).st_size
     if size != plan.output_size:
+        os.close(fd)
         raise StorageError(f"the shared partial file is {size} bytes; the plan's output is {plan.output_size}",
                            model=partial.name)
+    return fd
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

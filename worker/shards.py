@@ -69,12 +69,14 @@ def options_for(runtime: Runtime) -> ExecOptions:
     return ExecOptions(settings.merge_threads, settings.merge_device, verify_inputs=settings.verify_inputs)
 
 
-def run_merge_shard(runtime: Runtime, shard_id: int) -> str | None:
-    """Run one shard if it can be claimed; its final status, or None if it was not ours."""
-    return lease.run_leased(runtime, MergeShard, shard_id, lambda heartbeat: _write(runtime, shard_id, heartbeat))
+def run_merge_shard(runtime: Runtime, shard_id: int, planned: Plan | None = None) -> str | None:
+    """Run one shard if it can be claimed; its final status, or None if it was not ours.
+    `planned`: the job's plan, open, where the coordinator runs the shard (not planned again)."""
+    return lease.run_leased(runtime, MergeShard, shard_id,
+                            lambda heartbeat: _write(runtime, shard_id, heartbeat, planned))
 
 
-def _write(runtime: Runtime, shard_id: int, heartbeat: Heartbeat) -> Outcome:
+def _write(runtime: Runtime, shard_id: int, heartbeat: Heartbeat, planned: Plan | None) -> Outcome:
     with runtime.sessions() as session:
         row = session.get(MergeShard, shard_id)
         job = session.get(Job, row.job_id)
@@ -85,12 +87,13 @@ def _write(runtime: Runtime, shard_id: int, heartbeat: Heartbeat) -> Outcome:
     from worker.jobs import registry_resolver
 
     with rehash_if_changed(runtime.sessions):  # this attempt fails; the file's hashes are stale
-        planned = plan(parse_recipe(recipe), registry_resolver(runtime))
+        shard_plan = planned if planned is not None else plan(parse_recipe(recipe), registry_resolver(runtime))
         try:
-            digest = write_shard(planned, partial, shard, options=options_for(runtime),
+            digest = write_shard(shard_plan, partial, shard, options=options_for(runtime),
                                  progress=heartbeat.record, should_cancel=heartbeat.should_stop)
         finally:
-            planned.close()
+            if shard_plan is not planned:
+                shard_plan.close()
     return Outcome("succeeded", values={"sha256": digest})
 
 
@@ -102,20 +105,18 @@ def run_sharded(runtime: Runtime, job_id: int, heartbeat: Heartbeat, planned: Pl
     shards = split(planned, count)
     with runtime.sessions() as session:
         partial = shared_partial_path(runtime.settings, job_id, session.get(Job, job_id).recipe_hash)
-    finished = False
     try:
         _start(runtime, job_id, planned, shards, partial)
         heartbeat.record(ShardsProgress(runtime, job_id, len(planned.keys)))
-        digests = _run_until_done(runtime, job_id, heartbeat)
+        digests = _run_until_done(runtime, job_id, heartbeat, planned)
         heartbeat.check()
-        result = finish_sharded(planned, partial, output, shards, digests, overwrite=True)
-        finished = True
-        return result
-    finally:
-        if not finished and not heartbeat.lost:
+        return finish_sharded(planned, partial, output, shards, digests, overwrite=True)
+    except BaseException:
+        if not heartbeat.lost:
             with runtime.sessions.begin() as session:
                 cancel_shards(session, job_id)
             partial.unlink(missing_ok=True)
+        raise
 
 
 def _start(runtime: Runtime, job_id: int, planned: Plan, shards: list[Shard], partial: Path) -> None:
@@ -126,7 +127,7 @@ def _start(runtime: Runtime, job_id: int, planned: Plan, shards: list[Shard], pa
                                     .order_by(MergeShard.index).with_for_update()))
         same = [(r.first_key, r.stop_key, r.start, r.end) for r in rows] == [
             (s.first, s.stop, s.start, s.end) for s in shards]
-        if rows and same and partial.exists() and all(r.status not in ("failed", "cancelled") for r in rows):
+        if same and partial.exists() and all(r.status not in ("failed", "cancelled") for r in rows):
             log.info("job %s: going on with its %d shards", job_id, len(rows))
             return
         session.execute(delete(MergeShard).where(MergeShard.job_id == job_id))
@@ -144,7 +145,7 @@ def _start(runtime: Runtime, job_id: int, planned: Plan, shards: list[Shard], pa
     log.info("job %s: split into %d shards", job_id, len(shards))
 
 
-def _run_until_done(runtime: Runtime, job_id: int, heartbeat: Heartbeat) -> list[str | None]:
+def _run_until_done(runtime: Runtime, job_id: int, heartbeat: Heartbeat, planned: Plan) -> list[str | None]:
     """Run shards nobody holds (queued, or whose lease lapsed) until none is left, then wait for
     those others run; the shards' digests once all succeeded."""
     while True:
@@ -161,7 +162,7 @@ def _run_until_done(runtime: Runtime, job_id: int, heartbeat: Heartbeat) -> list
             return [r.sha256 for r in rows]
         now = utcnow()
         free = [r for r in rows if r.status == "queued" or (r.status == "running" and r.lease_expires_at < now)]
-        if not free or run_merge_shard(runtime, free[0].id) is None:
+        if not free or run_merge_shard(runtime, free[0].id, planned) is None:
             time.sleep(POLL_SECONDS)
 
 
