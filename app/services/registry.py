@@ -153,7 +153,7 @@ def list_models(session: Session, *, architecture: str | None = None, name: str 
 
 HASH_KINDS = {"sha256": "sha256", "autov2": "sha256", "autov3": "autov3", "blake3": "blake3",
               "autov1": "legacy_hash", "legacy": "legacy_hash", "crc32": "crc32"}
-_PREFIX_KINDS = ("sha256", "autov3", "blake3")  # 64 digits: a prefix of 10 or more finds them
+_PREFIX_KINDS = ("sha256", "autov3", "blake3")  # 64 digits: a prefix of MIN_SHA_PREFIX or more finds them
 _SHORT_KINDS = ("legacy_hash", "crc32")  # 8 digits, matched whole
 
 
@@ -161,16 +161,16 @@ def _hash_match(session: Session, text: str) -> ColumnElement[bool]:
     """Models with this hash, of any kind Civitai shows (or of the kind named as `kind:<hex>`).
     Several files matching is a 409 listing them: the user pastes a longer hash."""
     kind, _, digits = text.strip().lower().rpartition(":")
-    columns = [HASH_KINDS[kind]] if kind in HASH_KINDS else list(_PREFIX_KINDS + _SHORT_KINDS) if not kind else []
+    columns = ([HASH_KINDS[kind]] if kind in HASH_KINDS else []) if kind else [*_PREFIX_KINDS, *_SHORT_KINDS]
     if not columns or not 8 <= len(digits) <= 64 or any(c not in "0123456789abcdef" for c in digits):
         raise BadRequest("hash must be 8 to 64 hex digits (AutoV1, AutoV2, AutoV3, SHA256, CRC32 or BLAKE3), "
                          f"optionally as kind:<hex> with kind one of {', '.join(HASH_KINDS)}",
                          details={"hash": text[:100]})
     terms = [getattr(Model, c) == digits for c in columns if c in _SHORT_KINDS and len(digits) == 8]
-    terms += [getattr(Model, c).startswith(digits) for c in columns if c in _PREFIX_KINDS and len(digits) >= 10]
+    terms += [getattr(Model, c).startswith(digits) for c in columns if c in _PREFIX_KINDS and len(digits) >= MIN_SHA_PREFIX]
     if not terms:
         raise BadRequest(f"{len(digits)} hex digits cannot be a {' or '.join(columns)} hash "
-                         "(AutoV1 and CRC32 are 8 digits; a sha256, AutoV3 or BLAKE3 prefix is 10 or more)",
+                         f"(AutoV1 and CRC32 are 8 digits; a sha256, AutoV3 or BLAKE3 prefix is {MIN_SHA_PREFIX} or more)",
                          details={"hash": text[:100]})
     match = or_(*terms)
     files = session.execute(select(Model.id, Model.name, Model.sha256).where(match).order_by(Model.id)
