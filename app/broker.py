@@ -155,12 +155,9 @@ def waiting(connection, queue: str, taken_within: float = float("inf")) -> set[t
 
 
 def depth(connection, queue: str) -> int:
-    """How many messages of `queue` wait for a worker (not counting those taken)."""
-    channel = connection.default_channel
-    if isinstance(channel, Channel):
-        wanted = f"{queue}.msg"
-        return sum(1 for name in os.listdir(channel.data_folder_in) if name.partition(".")[2] == wanted)
-    return int(channel._size(queue))  # redis: the lengths of the queue's list per priority
+    """How many messages of `queue` wait for a worker (not counting those taken): Kombu's own
+    count, the queue folder's `*.<queue>.msg` files or the lengths of Redis' lists per priority."""
+    return int(connection.default_channel._size(queue))
 
 
 def _payloads(connection, queue: str, taken_within: float) -> Iterator[dict]:

@@ -46,6 +46,8 @@ class DeploymentCollector(Collector):
         yield from _broker(status.queue_depths(runtime))
         yield from _workers(status.read_workers(runtime.settings))
         yield from _disk(status.disk_usage(runtime.settings))
+        yield GaugeMetricFamily("sdmerge_scrape_timestamp_seconds", "When this scrape was answered (Unix time)",
+                                value=time.time())
 
 
 def _work(counts: dict, running: list[dict], expiries: dict, durations: dict) -> Iterator:
@@ -117,8 +119,6 @@ def _workers(workers: list[dict]) -> Iterator:
     for w in workers:
         beat.add_metric([w["name"], ",".join(w.get("queues") or []), str(w.get("device"))], w["beat_at"])
     yield beat
-    yield GaugeMetricFamily("sdmerge_scrape_timestamp_seconds", "When this scrape was answered (Unix time)",
-                            value=time.time())
 
 
 def _disk(disk: dict) -> Iterator:

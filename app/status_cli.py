@@ -15,6 +15,7 @@ from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 BAR = 24
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")  # the columns of the work table
 
 
 def run_status(url: str | None, watch: float | None) -> int:
@@ -22,7 +23,7 @@ def run_status(url: str | None, watch: float | None) -> int:
     token = os.environ.get("SDMERGE_API_TOKEN") or None
     while True:
         try:
-            view = render(fetch(url, token), url)
+            view = _view(url, token)
         except StatusError as exc:
             print(f"sdmerge: {exc}", file=sys.stderr)
             if watch is None:
@@ -57,6 +58,15 @@ def fetch(url: str, token: str | None) -> dict[str, Any]:
         raise StatusError(f"cannot read {url}/system/status: {getattr(exc, 'reason', exc)}") from None
 
 
+def _view(url: str, token: str | None) -> str:
+    status = fetch(url, token)
+    try:
+        return render(status, url)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSON, but not a status: another server?
+        raise StatusError(f"{url}/system/status answered something other than a status "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
 def render(status: dict[str, Any], url: str) -> str:
     lines = [f"sdmerge status  {url}  {status['time']}", ""]
     broker = status["broker"]
@@ -73,12 +83,10 @@ def render(status: dict[str, Any], url: str) -> str:
     lines += ["", f"running  {len(status['running'])}"]
     for r in status["running"]:
         lines.append("  " + running_line(r))
-    lines += ["", "work       " + " ".join(f"{s:>9}" for s in ("queued", "running", "succeeded", "failed",
-                                                               "cancelled"))]
-    for kind in ("merge", "analysis", "preview"):
-        counts = status["work"].get(kind, {})
-        lines.append(f"  {kind:<9}" + " ".join(f"{counts.get(s, 0):>9}" for s in
-                                                ("queued", "running", "succeeded", "failed", "cancelled")))
+    lines += ["", "work       " + " ".join(f"{s:>9}" for s in STATUSES)]
+    for kind, counts in status["work"].items():  # every kind of work the API counts (merge, shard, ...)
+        if kind != "model":
+            lines.append(f"  {kind:<9}" + " ".join(f"{counts.get(s, 0):>9}" for s in STATUSES))
     models = status["work"].get("model", {})
     lines.append("  models   " + ", ".join(f"{n} {s}" for s, n in models.items()))
     if status["recent_failures"]:
@@ -117,11 +125,13 @@ def running_line(r: dict[str, Any]) -> str:
 
 def _bytes(n: float | None) -> str:
     n = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return f"{n:.1f} TiB"
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
 
 
 def _duration(seconds: float | None) -> str:

@@ -15,7 +15,17 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from app.broker import depth
-from app.models import Analysis, Job, Leased, MergeShard, Model, Preview, utcnow
+from app.models import (
+    JOB_STATUSES,
+    MODEL_STATUSES,
+    Analysis,
+    Job,
+    Leased,
+    MergeShard,
+    Model,
+    Preview,
+    utcnow,
+)
 from app.presence import read_workers
 from app.queue import QUEUES
 from app.runtime import Runtime
@@ -33,7 +43,7 @@ def snapshot(runtime: Runtime, session: Session) -> dict[str, Any]:
     """The body of `GET /system/status`."""
     now = utcnow()
     return {
-        "time": now.isoformat() + "Z",
+        "time": _iso(now),
         "broker": queue_depths(runtime),
         "workers": [_kind_named(w) for w in read_workers(runtime.settings)],
         "work": work_counts(session),
@@ -53,8 +63,6 @@ def _kind_named(worker: dict) -> dict:
 
 def work_counts(session: Session) -> dict[str, dict[str, int]]:
     """{kind: {status: rows}} for every kind and status (zeros included), and models by status."""
-    from app.models import JOB_STATUSES, MODEL_STATUSES
-
     counts = {kind: dict.fromkeys(JOB_STATUSES, 0) for kind in KINDS}
     for kind, table in KINDS.items():
         for status, n in session.execute(select(table.status, func.count()).group_by(table.status)):
@@ -70,7 +78,7 @@ def running(session: Session, now: datetime) -> list[dict[str, Any]]:
     last renewed (each heartbeat updates the row)."""
     found = []
     for kind, table in KINDS.items():
-        name = Job.name if table is Job else None
+        name = getattr(table, "name", None)  # merges are named, other work is not
         columns = [table.id, table.progress, table.started_at, table.updated_at, table.attempts,
                    table.lease_expires_at, *([name] if name is not None else [])]
         for row in session.execute(select(*columns).where(table.status == "running")):

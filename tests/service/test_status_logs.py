@@ -99,11 +99,20 @@ def test_the_view_of_a_running_merge():
     stale = {**merge, "progress": None, "lease_expired": True, "heartbeat_age_seconds": 75}
     assert running_line(stale).endswith("[........................]   0%  starting  beat 1m15s ago  LEASE EXPIRED")
     status = {"time": "t", "broker": {"status": "error: down", "queues": {}}, "workers": [], "running": [merge],
-              "work": {"merge": {"running": 1}}, "recent_failures": [
+              "work": {"merge": {"running": 1}, "shard": {"queued": 2}}, "recent_failures": [
                   {"kind": "merge", "id": 6, "finished_at": "f", "error": {"code": "bad", "message": "no"}}],
               "disk": {"free_bytes": None}}
     view = render(status, "http://x")
     assert "broker   error: down\n" in view and "  merge 6  f  bad: no" in view and running_line(merge) in view
+    assert "\n  shard            2         0         0" in view  # every kind the API counts has its row
+
+
+def test_the_view_of_an_answer_that_is_no_status(monkeypatch):
+    from app import status_cli
+
+    monkeypatch.setattr(status_cli, "fetch", lambda url, token: {"detail": "Not Found"})
+    with pytest.raises(status_cli.StatusError, match="answered something other than a status"):
+        status_cli._view("http://x", None)
 
 
 def test_worker_presence_and_its_health_check(tmp_path):
