@@ -40,6 +40,14 @@ def recipes(paths: list[Path]) -> dict[str, dict]:
     }
 
 
+@pytest.fixture
+def merge_plan(models, tmp_path):
+    """The linear recipe's plan, closed after the test."""
+    planned = plan(parse_recipe(recipes(models)["linear"]), FileResolver(tmp_path))
+    yield planned
+    planned.close()
+
+
 def sharded(merge_plan, tmp_path: Path, count: int, *, threads: int = 1, parallel: bool = False,
             name: str = "out") -> tuple[Path, str]:
     shards = split(merge_plan, count)
@@ -80,22 +88,18 @@ def test_any_shard_count_writes_the_one_task_bytes(method, models, tmp_path):
         merge_plan.close()
 
 
-def test_split_is_contiguous_balanced_and_deterministic(models, tmp_path):
-    merge_plan = plan(parse_recipe(recipes(models)["linear"]), FileResolver(tmp_path))
-    try:
-        shards = split(merge_plan, 4)
-        assert shards == split(merge_plan, 4)
-        assert shards[0].start == len(merge_plan.header) and shards[-1].end == merge_plan.output_size
-        assert all(a.end == b.start and a.stop == b.first for a, b in zip(shards, shards[1:], strict=False))
-        assert sum(s.bytes_to_read for s in shards) == merge_plan.bytes_to_read
-        largest_key = max(k.nbytes for k in merge_plan.keys) * len(models)
-        assert max(s.bytes_to_read for s in shards) <= merge_plan.bytes_to_read / 4 + largest_key
-        assert len(split(merge_plan, 10**6)) == len(merge_plan.keys)  # never more shards than keys
-        assert shard_count(merge_plan, target_bytes=merge_plan.bytes_to_read) == 1  # a small merge: one task
-        assert shard_count(merge_plan, target_bytes=merge_plan.bytes_to_read // 3 + 1) == 3
-        assert shard_count(merge_plan, count=2, target_bytes=1) == 2  # a count wins over a size
-    finally:
-        merge_plan.close()
+def test_split_is_contiguous_balanced_and_deterministic(models, merge_plan):
+    shards = split(merge_plan, 4)
+    assert shards == split(merge_plan, 4)
+    assert shards[0].start == len(merge_plan.header) and shards[-1].end == merge_plan.output_size
+    assert all(a.end == b.start and a.stop == b.first for a, b in zip(shards, shards[1:], strict=False))
+    assert sum(s.bytes_to_read for s in shards) == merge_plan.bytes_to_read
+    largest_key = max(k.nbytes for k in merge_plan.keys) * len(models)
+    assert max(s.bytes_to_read for s in shards) <= merge_plan.bytes_to_read / 4 + largest_key
+    assert len(split(merge_plan, 10**6)) == len(merge_plan.keys)  # never more shards than keys
+    assert shard_count(merge_plan, target_bytes=merge_plan.bytes_to_read) == 1  # a small merge: one task
+    assert shard_count(merge_plan, target_bytes=merge_plan.bytes_to_read // 3 + 1) == 3
+    assert shard_count(merge_plan, count=2, target_bytes=1) == 2  # a count wins over a size
 
 
 def test_a_shard_reads_only_its_keys_inputs(make_model, tmp_path):
@@ -116,32 +120,28 @@ def test_a_shard_reads_only_its_keys_inputs(make_model, tmp_path):
         merge_plan.close()
 
 
-def test_finish_refuses_a_changed_range_a_wrong_size_and_missing_shards(models, tmp_path):
-    merge_plan = plan(parse_recipe(recipes(models)["linear"]), FileResolver(tmp_path))
-    try:
-        shards = split(merge_plan, 3)
-        partial = prepare_partial(merge_plan, tmp_path / "p.partial")
-        digests = [write_shard(merge_plan, partial, s, options=ExecOptions(threads=1)) for s in shards]
-        with pytest.raises(OptionsError, match="exactly once"):
-            finish_sharded(merge_plan, partial, tmp_path / "o.safetensors", shards[:2], digests[:2])
-        fd = os.open(partial, os.O_WRONLY)
-        os.pwrite(fd, b"\x7f", shards[1].start + 3)
-        os.close(fd)
-        with pytest.raises(StorageError, match="shard 1's bytes") as raised:
-            finish_sharded(merge_plan, partial, tmp_path / "o.safetensors", shards, digests)
-        assert raised.value.details["shard"] == 1
-        assert partial.exists() and not (tmp_path / "o.safetensors").exists()
-        write_shard(merge_plan, partial, shards[1], options=ExecOptions(threads=1))  # the re-run repairs it
-        os.truncate(partial, merge_plan.output_size - 1)
-        with pytest.raises(StorageError, match="bytes; the plan's output is"):
-            finish_sharded(merge_plan, partial, tmp_path / "o.safetensors", shards, digests)
-        os.truncate(partial, merge_plan.output_size)
-        write_shard(merge_plan, partial, shards[2], options=ExecOptions(threads=1))
-        result = finish_sharded(merge_plan, partial, tmp_path / "o.safetensors", shards, digests)
-        one = merge(merge_plan, tmp_path / "one.safetensors", compute_sha256=True)
-        assert result.sha256 == one.sha256
-    finally:
-        merge_plan.close()
+def test_finish_refuses_a_changed_range_a_wrong_size_and_missing_shards(merge_plan, tmp_path):
+    shards = split(merge_plan, 3)
+    partial = prepare_partial(merge_plan, tmp_path / "p.partial")
+    digests = [write_shard(merge_plan, partial, s, options=ExecOptions(threads=1)) for s in shards]
+    with pytest.raises(OptionsError, match="exactly once"):
+        finish_sharded(merge_plan, partial, tmp_path / "o.safetensors", shards[:2], digests[:2])
+    fd = os.open(partial, os.O_WRONLY)
+    os.pwrite(fd, b"\x7f", shards[1].start + 3)
+    os.close(fd)
+    with pytest.raises(StorageError, match="shard 1's bytes") as raised:
+        finish_sharded(merge_plan, partial, tmp_path / "o.safetensors", shards, digests)
+    assert raised.value.details["shard"] == 1
+    assert partial.exists() and not (tmp_path / "o.safetensors").exists()
+    write_shard(merge_plan, partial, shards[1], options=ExecOptions(threads=1))  # the re-run repairs it
+    os.truncate(partial, merge_plan.output_size - 1)
+    with pytest.raises(StorageError, match="bytes; the plan's output is"):
+        finish_sharded(merge_plan, partial, tmp_path / "o.safetensors", shards, digests)
+    os.truncate(partial, merge_plan.output_size)
+    write_shard(merge_plan, partial, shards[2], options=ExecOptions(threads=1))
+    result = finish_sharded(merge_plan, partial, tmp_path / "o.safetensors", shards, digests)
+    one = merge(merge_plan, tmp_path / "one.safetensors", compute_sha256=True)
+    assert result.sha256 == one.sha256
 
 
 def test_a_shard_with_a_non_finite_input_fails_naming_it(make_model, tmp_path):
