@@ -393,6 +393,18 @@ def test_metadata_refusals(change, message):
         convert_metadata(metadata)
 
 
+def test_metadata_nested_past_the_json_limit_is_a_recipe_error():
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads alone raises RecursionError
+    metadata = json.loads((DATA / "supermerger" / "saved-metadata.json").read_text())
+    metadata["__metadata__"]["sd_merge_models"] = deep
+    with pytest.raises(RecipeError, match="sd_merge_models is not JSON"):
+        convert_metadata(metadata)
+    metadata["__metadata__"]["sd_merge_recipe"] = deep
+    assert import_data(metadata) is None
+    with pytest.raises(RecipeError, match="no supermerger sd_merge_recipe"):
+        convert_metadata(metadata)
+
+
 def test_saved_metadata_converts_and_merges(sd2_models, tmp_path, capsys, monkeypatch):
     folder, hashes, states = sd2_models
     fixture = convert_metadata(json.loads((DATA / "supermerger" / "saved-metadata.json").read_text()))
