@@ -90,6 +90,9 @@ def logging_config(log_format: str, level: str = "INFO", access_log: bool = True
     }
 
 
-def configure_logging(log_format: str, level: str = "INFO") -> None:
-    logging.config.dictConfig(logging_config(log_format, level))
+def configure_logging(log_format: str, level: str = "INFO", access_log: bool = True) -> dict:
+    """Applies `logging_config` to this process and returns it (uvicorn applies it again)."""
+    config = logging_config(log_format, level, access_log)
+    logging.config.dictConfig(config)
     logging.captureWarnings(True)  # warnings become log lines too (logger `py.warnings`)
+    return config

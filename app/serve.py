@@ -35,13 +35,12 @@ def serve(settings: Settings, host: str, port: int, *, scan: bool = False, acces
           api_workers: int = 1) -> None:
     import uvicorn
 
-    from app.logs import configure_logging, logging_config
+    from app.logs import configure_logging
     from app.main import create_app
     from app.migrate import upgrade
 
     check_bind(host, settings)
-    log_config = logging_config(settings.log_format, "INFO", access_log)
-    configure_logging(settings.log_format)
+    log_config = configure_logging(settings.log_format, access_log=access_log)
     app = create_app(settings)
     runtime = app.state.runtime
     upgrade(runtime.engine)
