@@ -177,15 +177,17 @@ class ShardsProgress:
 
     def describe(self) -> dict:
         with self.runtime.sessions() as session:
-            rows = list(session.execute(select(MergeShard.status, MergeShard.progress, MergeShard.bytes_to_read)
+            rows = list(session.execute(select(MergeShard.status, MergeShard.progress, MergeShard.bytes_to_read,
+                                               MergeShard.first_key, MergeShard.stop_key)
                                         .where(MergeShard.job_id == self.job_id)))
         done = {"tensors_done": 0, "bytes_read": 0}
-        for status, progress, total in rows:
-            progress = progress or {}
+        for row in rows:
+            if row.status == "succeeded" and not row.progress:  # it ended before its first heartbeat
+                progress = {"tensors_done": row.stop_key - row.first_key, "bytes_read": row.bytes_to_read}
+            else:
+                progress = row.progress or {}
             for name in done:
                 done[name] += progress.get(name, 0)
-            if status == "succeeded" and not progress:
-                done["bytes_read"] += total
         total = sum(r.bytes_to_read for r in rows)
         elapsed = time.perf_counter() - self.started
         rate = done["bytes_read"] / elapsed if elapsed > 0 else None

@@ -71,6 +71,7 @@ def test_shards_give_the_same_artifact_as_one_task(client, run_tasks, two_models
     assert done["artifact"]["sha256"] == expected and done["artifact"]["id"] == one["artifact"]["id"]
     assert done["progress"]["shards"]["succeeded"] == 3
     assert done["progress"]["bytes_read"] == done["progress"]["bytes_total"] > 0
+    assert done["progress"]["tensors_done"] == done["progress"]["tensors_total"] > 0
     rows = shard_rows(settings.database_url, done["id"])
     assert [r.status for r in rows] == ["succeeded"] * 3 and all(r.sha256 for r in rows)
     assert rows[0].start < rows[1].start < rows[2].start and rows[2].end == done["output_size"]
