@@ -59,15 +59,14 @@ def run_leased(runtime: Runtime, table: type[Leased], row_id: int, work: Work,
     """Claim the row and run `work` under its lease (or under `owner`'s, claimed already);
     returns the final status, or None if the row was not claimable (finished, cancelled, leased
     elsewhere) or the lease was lost."""
-    with working_on(kind=table.kind, job_id=row_id):
-        if owner is not None:
-            return run_claimed(runtime, table, row_id, owner, work, describe)
+    if owner is None:
         owner = new_owner()
-        if not claim(runtime, table, row_id, owner):
-            log.info("%s %s: not claimable (finished, cancelled or leased elsewhere)", table.kind, row_id)
-            return None
-        log.info("%s %s: claimed by %s (pid %s)", table.kind, row_id, owner, os.getpid())
-        return run_claimed(runtime, table, row_id, owner, work, describe)
+        with working_on(kind=table.kind, job_id=row_id):  # run_claimed names the work from here on
+            if not claim(runtime, table, row_id, owner):
+                log.info("%s %s: not claimable (finished, cancelled or leased elsewhere)", table.kind, row_id)
+                return None
+            log.info("%s %s: claimed by %s (pid %s)", table.kind, row_id, owner, os.getpid())
+    return run_claimed(runtime, table, row_id, owner, work, describe)
 
 
 def run_claimed(runtime: Runtime, table: type[Leased], row_id: int, owner: str, work: Work,
